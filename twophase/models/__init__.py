@@ -1,0 +1,1 @@
+"""Model sources -> canonical ONNX: the zoo, HF/GGUF loading, torch export, third-party ONNX import."""
