@@ -42,11 +42,11 @@ class FlatKVDecoder(torch.nn.Module):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
+            cache=cache,
             use_cache=True,
         )
         present = []
-        for layer in out.past_key_values.layers:
+        for layer in out.cache.layers:
             present += [layer.keys, layer.values]
         return (out.logits, *present)
 
@@ -81,9 +81,12 @@ def export_canonical(model: torch.nn.Module, facts: ModelFacts, path: str | Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float()
+    model.eval()
+    for name, param in model.named_parameters():
+        if param.dtype != torch.float32:
+            raise ValueError(f"export_canonical expects an fp32 model; parameter {name} is {param.dtype}")
     untie_lm_head(model)
-    wrapper = FlatKVDecoder(model, facts.num_layers)
+    wrapper = FlatKVDecoder(model, facts.num_layers).eval()
 
     batch = torch.export.Dim("batch")
     seq = torch.export.Dim("seq")

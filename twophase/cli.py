@@ -1,0 +1,203 @@
+"""The `twophase` command: compile, run, export, diff, inspect.
+
+The CLI owns all output (the library logs, never prints) and parses options once into the
+compiler's enums and dataclasses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from twophase.compiler.errors import TwophaseError
+
+
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampling")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=0, help="0 = off")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--repetition-penalty", type=float, default=1.0)
+    g.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="twophase",
+        description="Compile a decoder-only LLM into separate prefill and decode executables, and run them.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="log more (-vv for debug)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("compile", help="compile a model into an artifact directory")
+    p.add_argument("source", help="zoo name (e.g. smollm2-135m-instruct), HF model dir, .gguf or .onnx file")
+    p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to create")
+    p.add_argument("--prefill", default="fp32", help="prefill scheme (fp32)")
+    p.add_argument("--decode", default="fp32", help="decode scheme (fp32)")
+    p.add_argument("--backend", default="ort", help="lowering backend (ort)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--max-len", type=int, default=None, help="longest prompt+generation accepted (default: the model's)")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+
+    p = sub.add_parser("run", help="generate text with a compiled artifact")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
+    p.add_argument("--stats", action="store_true", help="print timing statistics to stderr")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+    _add_sampling_args(p)
+
+    p = sub.add_parser("export", help="export a source to the canonical ONNX graph (no passes)")
+    p.add_argument("source")
+    p.add_argument("-o", "--output", required=True, type=Path, help="directory to write model.onnx etc. into")
+
+    p = sub.add_parser("diff", help="structural diff of two ONNX graphs")
+    p.add_argument("a", type=Path)
+    p.add_argument("b", type=Path)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("inspect", help="summarize an artifact: phases, ops, weight bytes")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _parse_compile_options(args: argparse.Namespace):
+    from twophase.compiler.options import Backend, CompileOptions, Device, PhaseOptions, QuantScheme
+
+    def enum_value(enum_cls, value: str, flag: str):
+        try:
+            return enum_cls(value)
+        except ValueError:
+            choices = ", ".join(e.value for e in enum_cls)
+            raise TwophaseError(f"{flag} {value!r} is not one of: {choices}") from None
+
+    if args.max_len is not None and args.max_len < 2:
+        raise TwophaseError(f"--max-len must be at least 2, got {args.max_len}")
+    return CompileOptions(
+        backend=enum_value(Backend, args.backend, "--backend"),
+        device=enum_value(Device, args.device, "--device"),
+        prefill=PhaseOptions(enum_value(QuantScheme, args.prefill, "--prefill")),
+        decode=PhaseOptions(enum_value(QuantScheme, args.decode, "--decode")),
+        max_len=args.max_len,
+    )
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from twophase.compiler.driver import compile_model
+
+    options = _parse_compile_options(args)
+    steps = ["load / export canonical graph", "prefill pipeline", "decode pipeline", "write graphs and weights"]
+    with tqdm(total=len(steps), desc="compile", unit="step", file=sys.stderr) as bar:
+        seen = []
+
+        def progress(name: str) -> None:
+            if seen:
+                bar.update(1)
+            seen.append(name)
+            bar.set_postfix_str(name)
+
+        out = compile_model(args.source, args.output, options, overwrite=args.force, progress=progress)
+        bar.update(1)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twophase.runtime.engine import Engine
+
+    engine = Engine.load(args.artifact, threads=args.threads, verify=not args.no_verify)
+    pieces = engine.generate(
+        args.prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        stop=args.stop,
+        seed=args.seed,
+        chat=args.chat,
+        stream=True,
+    )
+    for piece in pieces:
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    if args.stats:
+        s = engine.stats
+        print(
+            f"prompt {s.prompt_tokens} tok, generated {s.generated_tokens} tok | ttft {s.ttft_s * 1e3:.0f} ms | "
+            f"prefill {s.prefill_tok_s:.1f} tok/s | decode {s.decode_tok_s:.1f} tok/s",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    import shutil
+
+    from twophase.models.sources import SourceKind, load_canonical, resolve_source
+
+    source = resolve_source(args.source)
+    if source.kind is SourceKind.ONNX:
+        raise TwophaseError(f"{args.source} is already ONNX; compile it directly")
+    canonical = load_canonical(source)
+    args.output.mkdir(parents=True, exist_ok=True)
+    export_dir = canonical.tokenizer_json.parent
+    for f in export_dir.iterdir():
+        shutil.copyfile(f, args.output / f.name)
+    print(f"wrote {args.output / 'model.onnx'}")
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from twophase.compiler.graph_diff import diff_models
+
+    for p in (args.a, args.b):
+        if not p.is_file():
+            raise TwophaseError(f"{p}: no such file")
+    d = diff_models(args.a, args.b)
+    print(json.dumps(d.to_dict(), indent=2) if args.json else d.format())
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from twophase.compiler.inspect import inspect_artifact
+
+    info = inspect_artifact(args.artifact)
+    print(json.dumps(info, indent=2) if args.json else info["text"])
+    return 0
+
+
+COMMANDS = {
+    "compile": cmd_compile,
+    "run": cmd_run,
+    "export": cmd_export,
+    "diff": cmd_diff,
+    "inspect": cmd_inspect,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    level = {0: logging.WARNING, 1: logging.INFO}.get(args.verbose, logging.DEBUG)
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return COMMANDS[args.command](args)
+    except TwophaseError as e:
+        print(f"twophase {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,374 @@
+"""The generation engine: load an artifact, prefill a prompt, decode one token at a time.
+
+    engine = Engine.load("out/smollm2")                    # verifies the manifest and file hashes
+    for piece in engine.generate("Hello", max_new_tokens=32): ...
+    engine.stats                                           # GenerationStats of the last generate
+
+`prefill` and `decode_one_token` are separate steps (gpt-fast style) that also work on left-padded
+batches; `generate_ids` is the token loop (prefill, then sample / decode_one_token until a stop),
+and `generate` wraps it with the tokenizer, the chat template, streaming detokenization and stop
+strings. The Engine owns the loop; the KVCache owns the K/V state; the Sampler owns randomness.
+An Engine runs one generation at a time (it holds one KV cache).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Generator, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
+from twophase.compiler.manifest import Manifest, ModelFacts
+from twophase.runtime.artifact import load_manifest, max_context, resolve
+from twophase.runtime.backend_ort import GraphOptLevel, OrtPhase
+from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, KVCacheBase, make_kv_cache
+from twophase.runtime.sampler import Sampler, SamplingParams, SamplingParamsError, seen_mask
+from twophase.runtime.stats import GenerationStats
+from twophase.runtime.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+STOP_TOKEN_REASONS = ("eos", "stop_token")
+
+
+class Engine:
+    """A loaded artifact: its two phase sessions, KV cache, tokenizer and the generation loop."""
+
+    def __init__(
+        self,
+        root: Path,
+        manifest: Manifest,
+        prefill_phase: OrtPhase,
+        decode_phase: OrtPhase,
+        tokenizer: Tokenizer | None,
+    ) -> None:
+        self.root = root
+        self.manifest = manifest
+        self.facts: ModelFacts = manifest.model
+        self.tokenizer = tokenizer
+        self.prefill_phase = prefill_phase
+        self.decode_phase = decode_phase
+        self.max_len = max_context(manifest)
+        self.cache: KVCacheBase = make_kv_cache(
+            manifest.kv_cache["binding"], self.facts, self.max_len, manifest.kv_cache["dtype"]
+        )
+        gen = manifest.generation
+        self.eos_token_ids: tuple[int, ...] = tuple(gen.get("eos_token_ids") or self.facts.eos_token_ids)
+        self.stats = GenerationStats()
+        self._epoch = 0  # bumped by every prefill: a generation notices another one took the cache
+
+    @classmethod
+    def load(
+        cls,
+        path: str | Path,
+        *,
+        threads: int | None = None,
+        device: str = "cpu",
+        verify: bool = True,
+        opt_level: GraphOptLevel = GraphOptLevel.ENABLE_ALL,
+    ) -> Engine:
+        """Load an artifact directory; `verify` checks every file's sha256 against the manifest first."""
+        root = Path(path)
+        t0 = time.perf_counter()
+        manifest = load_manifest(root, verify=verify)
+        check_phase_contract(manifest)
+        device = getattr(device, "value", device)  # accept compiler.options.Device too
+        phases = {
+            name: OrtPhase(
+                resolve(root, manifest.phases[name].graph),
+                manifest.phases[name],
+                name=name,
+                threads=threads,
+                device=device,
+                opt_level=opt_level,
+            )
+            for name in ("prefill", "decode")
+        }
+        tokenizer = Tokenizer.from_artifact(root, manifest)
+        log.info("loaded artifact %s in %.2f s", root, time.perf_counter() - t0)
+        return cls(root, manifest, phases["prefill"], phases["decode"], tokenizer)
+
+    # --- the two phases -------------------------------------------------------------------------
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+        """Run the prompt (B, S) through prefill, (re)initializing the KV cache; returns (B, V) last logits.
+
+        Batches are left-padded: `attention_mask` (default all ones) is 0 on padding, and every row's
+        last column must be a real token.
+        """
+        ids = np.ascontiguousarray(input_ids, dtype=np.int64)
+        if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
+            raise TwophaseError(f"prefill expects non-empty (batch, seq) input_ids, got shape {ids.shape}")
+        mask = np.ones_like(ids) if attention_mask is None else np.ascontiguousarray(attention_mask, dtype=np.int64)
+        if mask.shape != ids.shape:
+            raise TwophaseError(f"attention_mask shape {mask.shape} does not match input_ids shape {ids.shape}")
+        if not np.all(mask[:, -1] == 1):
+            raise TwophaseError("batches must be left-padded: the last column of attention_mask must be all ones")
+        if ids.shape[1] > self.max_len:
+            raise ContextLengthError(f"prompt of {ids.shape[1]} tokens exceeds the artifact's max_len {self.max_len}")
+        position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # (B, S)
+        outs = self.prefill_phase.run({"input_ids": ids, "attention_mask": mask, "position_ids": position_ids})
+        self.cache.reset()
+        self.cache.update(outs, new_mask=mask)
+        self._epoch += 1
+        return outs["logits"][:, -1, :]
+
+    def decode_one_token(self, token_ids: np.ndarray) -> np.ndarray:
+        """Feed one token per row (B,) against the cache; returns (B, V) logits of the next position."""
+        cache = self.cache
+        ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)  # (B, 1)
+        if ids.shape[0] != cache.batch_size:
+            raise TwophaseError(f"decode_one_token got {ids.shape[0]} tokens for a cache of batch {cache.batch_size}")
+        feeds = cache.feeds()
+        feeds["input_ids"] = ids
+        feeds["attention_mask"] = cache.next_attention_mask()  # (B, T+1)
+        feeds["position_ids"] = cache.next_position_ids()  # (B, 1)
+        outs = self.decode_phase.run(feeds)
+        cache.update(outs)
+        return outs["logits"][:, -1, :]
+
+    # --- the token loop -------------------------------------------------------------------------
+
+    def generate_ids(
+        self,
+        prompt_ids: Sequence[int] | np.ndarray,
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> Generator[int, None, None]:
+        """Generated token ids of one prompt, lazily; stops after an eos / stop token (yielded last, as
+        transformers' generate returns it) or after max_new_tokens. Needs no tokenizer.
+
+        Everything is validated here, before anything runs; the returned generator does the work.
+        """
+        t_start = time.perf_counter()
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop_token_ids=tuple(stop_token_ids or ()),
+            seed=seed,
+        )
+        ids = self._check_request(prompt_ids, max_new_tokens)
+        return self._token_loop(ids, params, max_new_tokens, t_start)
+
+    def _check_request(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int) -> np.ndarray:
+        """The prompt as a (S,) int64 array, after the emptiness, vocabulary and context checks."""
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise TwophaseError("empty prompt: generation needs at least one prompt token")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise SamplingParamsError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        vocab = self.facts.vocab_size
+        if ids.min() < 0 or ids.max() >= vocab:
+            bad = ids[(ids < 0) | (ids >= vocab)][:5].tolist()
+            raise TwophaseError(f"prompt token ids {bad} are outside the vocabulary [0, {vocab})")
+        self.check_context(int(ids.size), max_new_tokens)
+        return ids
+
+    def check_context(self, prompt_tokens: int, max_new_tokens: int) -> None:
+        """ContextLengthError when prompt + max_new_tokens does not fit the artifact's context."""
+        if prompt_tokens + max_new_tokens > self.max_len:
+            raise ContextLengthError(
+                f"prompt of {prompt_tokens} tokens + max_new_tokens {max_new_tokens} = "
+                f"{prompt_tokens + max_new_tokens} exceeds the artifact's maximum context of {self.max_len} "
+                "tokens; shorten the prompt or lower max_new_tokens"
+            )
+
+    def _token_loop(
+        self, ids: np.ndarray, params: SamplingParams, max_new_tokens: int, t_start: float
+    ) -> Generator[int, None, None]:
+        stats = self.stats = GenerationStats(prompt_tokens=int(ids.size))
+        if max_new_tokens == 0:
+            stats.stop_reason = "max_new_tokens"
+            return
+        sampler = Sampler(params)
+        eos = frozenset(self.eos_token_ids)
+        stop_ids = frozenset(params.stop_token_ids)
+        seen = seen_mask(ids[None], self.facts.vocab_size) if params.uses_penalty else None  # (1, V)
+        clock = time.perf_counter
+        try:
+            t0 = clock()
+            logits = self.prefill(ids[None])  # (1, V)
+            stats.prefill_s = clock() - t0
+            epoch = self._epoch
+            token = sampler.sample(logits, seen)  # (1,)
+            stats.ttft_s = clock() - t_start
+            for step in range(max_new_tokens):
+                if step > 0:
+                    if self._epoch != epoch:
+                        raise TwophaseError(
+                            "another prefill ran on this Engine during this generation; an Engine holds one "
+                            "KV cache, so finish (or close) one generation before starting the next"
+                        )
+                    t0 = clock()
+                    token = sampler.sample(self.decode_one_token(token), seen)
+                    stats.decode_s += clock() - t0
+                    stats.decode_steps += 1
+                tok = int(token[0])
+                stats.generated_tokens += 1
+                if tok in eos or tok in stop_ids:
+                    stats.stop_reason = "eos" if tok in eos else "stop_token"
+                    yield tok  # the last id, as transformers' generate returns it
+                    return
+                if seen is not None:
+                    seen[0, tok] = True
+                yield tok
+            stats.stop_reason = "max_new_tokens"
+        finally:
+            if stats.stop_reason is None:
+                stats.stop_reason = "closed"
+
+    # --- text ------------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        prompt: str | Sequence[int] | Sequence[Mapping[str, Any]],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop: Sequence[str] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+        chat: bool = False,
+        stream: bool = True,
+    ) -> Iterator[str] | str:
+        """Generate text: an iterator of pieces (stream=True) or the whole string.
+
+        `prompt` is text, token ids, or (chat=True) a user message or a list of {role, content} dicts
+        rendered by the chat template. Generation stops at an eos id, a stop token id, a stop string
+        (the text ends before it) or after max_new_tokens. Validation and the context check happen
+        in this call, before any graph runs.
+        """
+        t_start = time.perf_counter()
+        if self.tokenizer is None:
+            raise TwophaseError("this artifact ships no tokenizer: use generate_ids with token ids")
+        stops = list(stop or ())
+        if not all(isinstance(s, str) and s for s in stops):
+            raise SamplingParamsError(f"stop strings must be non-empty strings, got {stops!r}")
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=repetition_penalty,
+            stop_token_ids=tuple(stop_token_ids or ()),
+            seed=seed,
+        )
+        ids = self._check_request(self._prompt_ids(prompt, chat), max_new_tokens)
+        tokens = self._token_loop(ids, params, max_new_tokens, t_start)
+        pieces = self._text_stream(tokens, stops)
+        return pieces if stream else "".join(pieces)
+
+    def _prompt_ids(self, prompt: Any, chat: bool) -> list[int]:
+        assert self.tokenizer is not None
+        if chat:
+            if isinstance(prompt, str):
+                messages: list[Mapping[str, Any]] = [{"role": "user", "content": prompt}]
+            elif isinstance(prompt, Sequence) and all(isinstance(m, Mapping) for m in prompt):
+                messages = list(prompt)
+            else:
+                raise TwophaseError("with chat=True the prompt must be a string or a list of {role, content} dicts")
+            if not messages:
+                raise TwophaseError("empty prompt: the conversation has no messages")
+            return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise TwophaseError("empty prompt: generation needs at least one prompt token")
+            return self.tokenizer.encode(prompt, add_special_tokens=True)
+        if isinstance(prompt, (Sequence, np.ndarray)) and all(isinstance(t, (int, np.integer)) for t in prompt):
+            return [int(t) for t in prompt]
+        raise TwophaseError("prompt must be a string or a list of token ids (or pass chat=True for messages)")
+
+    def _text_stream(self, tokens: Generator[int, None, None], stops: list[str]) -> Generator[str, None, None]:
+        assert self.tokenizer is not None
+        detok = self.tokenizer.detokenizer()
+        matcher = StopStrings(stops)
+        try:
+            for tok in tokens:
+                if self.stats.stop_reason in STOP_TOKEN_REASONS:
+                    break  # the stop token itself is not part of the text
+                piece = detok.add(tok)
+                if not piece:
+                    continue
+                out, hit = matcher.feed(piece)
+                if out:
+                    yield out
+                if hit:
+                    self.stats.stop_reason = "stop_string"
+                    return
+            out, hit = matcher.feed(detok.flush())
+            if hit:
+                self.stats.stop_reason = "stop_string"
+            else:
+                out += matcher.flush()
+            if out:
+                yield out
+        finally:
+            tokens.close()  # runs the token loop's bookkeeping (stop reason) now
+
+
+class StopStrings:
+    """Finds stop strings in streamed text, holding back any suffix that could begin one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = tuple(stops)
+        self.max_hold = max((len(s) for s in self.stops), default=1) - 1
+        self.pending = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(text safe to emit, whether a stop string was found: the text then ends right before it)."""
+        if not self.stops:
+            return piece, False
+        text = self.pending + piece
+        hits = [i for s in self.stops if (i := text.find(s)) >= 0]
+        if hits:
+            self.pending = ""
+            return text[: min(hits)], True
+        hold = self._partial_suffix(text)
+        self.pending = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold], False
+
+    def flush(self) -> str:
+        out, self.pending = self.pending, ""
+        return out
+
+    def _partial_suffix(self, text: str) -> int:
+        for k in range(min(self.max_hold, len(text)), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stops):
+                return k
+        return 0
+
+
+def check_phase_contract(manifest: Manifest) -> None:
+    """The phases take and return what the loop feeds and reads (names from DESIGN.md's contract)."""
+    facts = manifest.model
+    want = {
+        "prefill": (list(STEP_INPUTS), ["logits", *facts.kv_names(PRESENT_PREFIX)]),
+        "decode": ([*STEP_INPUTS, *facts.kv_names(PAST_PREFIX)], ["logits", *facts.kv_names(PRESENT_PREFIX)]),
+    }
+    for phase, (inputs, outputs) in want.items():
+        entry = manifest.phases[phase]
+        have_in = {t.name for t in entry.inputs}
+        have_out = {t.name for t in entry.outputs}
+        missing = [n for n in inputs if n not in have_in] + [n for n in outputs if n not in have_out]
+        extra = sorted(have_in - set(inputs))
+        if missing or extra:
+            raise ArtifactError(
+                f"phases.{phase}: missing tensors {missing}, unexpected inputs {extra} for a "
+                f"{facts.num_layers}-layer model; recompile the artifact"
+            )

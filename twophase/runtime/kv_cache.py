@@ -1,0 +1,170 @@
+"""The KV cache: K/V state per layer plus the per-row attention mask of the cached positions.
+
+Dimension letters: B batch, H kv heads, T cached positions, D head dim, L layers. Layout BHTD.
+
+A cache implements `KVCacheBase`:
+    reset()                      forget everything (batch size back to 0)
+    update(present, new_mask)    take a step's `present.{i}.key|value` outputs; `new_mask` [B, n] marks
+                                 which of the step's n new positions are real (0 = left padding)
+    feeds()                      {past_key_values.{i}.key|value: array} for the next decode step
+    next_attention_mask()        [B, T+1] mask for the next single-token step
+    next_position_ids()          [B, 1] positions of the next token (= real tokens so far per row)
+    length, batch_size, max_len, attention_mask
+
+`KVCache` is the "grow" binding: the decode graph takes past (B, H, T, D) and returns present
+(B, H, T+1, D), so the cache just keeps the step's outputs (no copy on our side; the graph's Concat
+is the inherent cost of this binding). A "bound" variant (gpt-fast style) would preallocate
+(B, H, max_len, D) buffers, bind them as both past and present through ORT I/O binding, write new
+entries in place with `update(pos, k, v)`, and return those buffers from `feeds()`; the mask and
+position bookkeeping here (a preallocated [B, max_len] mask buffer) is already shaped for it.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping, Sequence
+from typing import ClassVar
+
+import numpy as np
+
+from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
+from twophase.compiler.manifest import ModelFacts
+
+PAST_PREFIX = "past_key_values"
+PRESENT_PREFIX = "present"
+
+
+class KVCacheBase(abc.ABC):
+    """Cache state shared by every binding: sizes, the per-row mask and the positions."""
+
+    binding: ClassVar[str]
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: str = "float32") -> None:
+        if min(num_layers, num_kv_heads, head_dim, max_len) <= 0:
+            raise TwophaseError("KV cache sizes must be positive")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_len = max_len
+        self.dtype = np.dtype(dtype)
+        self.past_names = [f"{PAST_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self.present_names = [f"{PRESENT_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self.reset()
+
+    @classmethod
+    def for_model(cls, facts: ModelFacts, max_len: int, dtype: str = "float32") -> KVCacheBase:
+        return cls(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_len, dtype)
+
+    def reset(self) -> None:
+        self.batch_size = 0
+        self.length = 0  # cached positions per row, padding included (T)
+        self._mask = np.zeros((0, self.max_len), dtype=np.int64)  # (B, max_len); columns >= length unused
+        self._positions = np.zeros((0,), dtype=np.int64)  # (B,) real tokens so far per row
+
+    @property
+    def attention_mask(self) -> np.ndarray:
+        """(B, T) int64: 1 where a cached position is a real token, 0 where it is left padding."""
+        return self._mask[:, : self.length]
+
+    def next_attention_mask(self) -> np.ndarray:
+        """(B, T+1) int64 mask for a single-token step: the cached positions plus the new one."""
+        self._check_room(1)
+        self._mask[:, self.length] = 1
+        return np.ascontiguousarray(self._mask[:, : self.length + 1])  # no copy when B == 1
+
+    def next_position_ids(self) -> np.ndarray:
+        """(B, 1) int64 position of the next token in each row: clip(cumsum(mask) - 1, 0) at the new column."""
+        return self._positions[:, None].copy()
+
+    def _advance(self, new_mask: np.ndarray | None, n: int, batch: int) -> None:
+        if self.batch_size == 0:
+            self.batch_size = batch
+            self._mask = np.zeros((batch, self.max_len), dtype=np.int64)
+            self._positions = np.zeros((batch,), dtype=np.int64)
+        self._check_room(n)
+        cols = self._mask[:, self.length : self.length + n]
+        if new_mask is None:
+            cols[...] = 1
+            self._positions += n
+        else:
+            new_mask = np.asarray(new_mask)
+            if new_mask.shape != (batch, n):
+                raise TwophaseError(f"new_mask has shape {new_mask.shape}, expected {(batch, n)}")
+            cols[...] = new_mask
+            self._positions += new_mask.sum(axis=1, dtype=np.int64)
+        self.length += n
+
+    def _check_room(self, n: int) -> None:
+        if self.length + n > self.max_len:
+            raise ContextLengthError(
+                f"KV cache holds {self.length} positions and cannot take {n} more: max_len is {self.max_len}"
+            )
+
+    def _as_list(self, present: Sequence[np.ndarray] | Mapping[str, np.ndarray]) -> list[np.ndarray]:
+        if isinstance(present, Mapping):
+            try:
+                return [present[n] for n in self.present_names]
+            except KeyError as e:
+                raise ArtifactError(f"step outputs lack {e.args[0]!r}; the graph does not match its manifest") from e
+        present = list(present)
+        if len(present) != 2 * self.num_layers:
+            raise TwophaseError(f"expected {2 * self.num_layers} present tensors, got {len(present)}")
+        return present
+
+    @abc.abstractmethod
+    def update(
+        self, present: Sequence[np.ndarray] | Mapping[str, np.ndarray], new_mask: np.ndarray | None = None
+    ) -> None: ...
+
+    @abc.abstractmethod
+    def feeds(self) -> dict[str, np.ndarray]: ...
+
+
+class KVCache(KVCacheBase):
+    """"grow" binding: past in, present out; the cache holds the latest present tensors."""
+
+    binding = "grow"
+
+    def reset(self) -> None:
+        super().reset()
+        self._kv: list[np.ndarray] = []  # 2L arrays (B, H, T, D): layer 0 key, layer 0 value, layer 1 key, ...
+
+    def update(
+        self, present: Sequence[np.ndarray] | Mapping[str, np.ndarray], new_mask: np.ndarray | None = None
+    ) -> None:
+        """Keep a step's present K/V (B, H, T+n, D); `new_mask` (B, n) marks the real new positions (default all)."""
+        kv = self._as_list(present)
+        b, h, t, d = kv[0].shape
+        n = t - self.length
+        if self.batch_size and b != self.batch_size:
+            raise TwophaseError(f"present has batch {b}, cache holds batch {self.batch_size}")
+        if n <= 0:
+            raise ArtifactError(
+                f"{self.present_names[0]} has {t} positions, which does not extend the {self.length} cached ones"
+            )
+        expected = (b, self.num_kv_heads, t, self.head_dim)
+        for name, a in zip(self.present_names, kv):
+            if a.shape != expected:
+                raise ArtifactError(
+                    f"{name} has shape {a.shape}, expected {expected}; the graph does not match its manifest"
+                )
+        self._advance(new_mask, n, b)
+        self._kv = kv
+
+    def feeds(self) -> dict[str, np.ndarray]:
+        """{past_key_values.{i}.key|value: (B, H, T, D)} for the next decode step."""
+        if not self._kv:
+            raise TwophaseError("KV cache is empty: run prefill first")
+        return dict(zip(self.past_names, self._kv))
+
+    def layer(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(key, value) of layer i, each (B, H, T, D)."""
+        return self._kv[2 * i], self._kv[2 * i + 1]
+
+
+def make_kv_cache(binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32") -> KVCacheBase:
+    """The cache class for a manifest's kv_cache.binding."""
+    classes: dict[str, type[KVCacheBase]] = {KVCache.binding: KVCache}
+    if binding not in classes:
+        raise ArtifactError(f"kv_cache.binding {binding!r} is not supported by this runtime (supports {list(classes)})")
+    return classes[binding].for_model(facts, max_len, dtype)
