@@ -76,3 +76,4 @@ def test_devices_and_threads():
     with pytest.raises(TwophaseError, match="threads"):
         session_options(threads=0)
     assert session_options().graph_optimization_level == ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    assert session_options(prepack=False).get_session_config_entry("session.disable_prepacking") == "1"

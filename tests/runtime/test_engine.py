@@ -216,6 +216,14 @@ def test_interleaved_generations_refused(engine):
         next(first)
 
 
+def test_unprepacked_engine_agrees(engine, artifact):
+    shared = Engine.load(artifact, verify=False, prepack=False)
+    for prompt in PROMPTS:
+        assert list(shared.generate_ids(prompt, max_new_tokens=8, repetition_penalty=5.0)) == list(
+            engine.generate_ids(prompt, max_new_tokens=8, repetition_penalty=5.0)
+        )
+
+
 def test_decode_before_prefill_and_bad_batches(artifact):
     engine = Engine.load(artifact, verify=False)
     with pytest.raises(TwophaseError, match="batch"):

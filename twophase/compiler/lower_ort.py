@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
+from twophase.compiler.errors import PassError
 from twophase.compiler.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,8 @@ def write_phase_graphs(models: dict[str, ir.Model], out_dir: Path) -> tuple[dict
                     _externalize(value, weights, written, stats, out_dir)
             graph_file = f"{phase}.onnx"
             ir.save(model, out_dir / graph_file)
+            weights.flush()
+            _check(out_dir / graph_file, phase)
             lowered[phase] = LoweredPhase(
                 graph_file,
                 tuple(tensor_spec(v) for v in model.graph.inputs),
@@ -75,6 +78,19 @@ def write_phase_graphs(models: dict[str, ir.Model], out_dir: Path) -> tuple[dict
         stats.tensors_written, stats.bytes_written / 1e6, stats.tensors_shared, stats.bytes_shared / 1e6,
     )
     return lowered, stats
+
+
+def _check(path: Path, phase: str) -> None:
+    """Full ONNX check (schema + strict shape inference) of a written graph, before any runtime sees it."""
+    import onnx
+
+    try:
+        onnx.checker.check_model(str(path), full_check=True)
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as e:
+        raise PassError(
+            f"the {phase} pipeline produced an invalid graph ({e}); this is a twophase bug, please report it "
+            "with the source model's description"
+        ) from e
 
 
 def _externalize(value: ir.Value, weights, written: dict, stats: WeightsStats, out_dir: Path) -> None:

@@ -269,8 +269,8 @@ def _replace_empty_past(
     dims: list[int | ir.SymbolicDim] = [batch_dim, heads, 0, head_dim]
     empty: ir.Value | None = None
     for node, index in list(past.uses()):
-        if node.op_type == "Concat" and node.domain == "" and _axis(node, rank=4) == 2:
-            _drop_input(node, index)
+        if node.op_type == "Concat" and node.domain == "" and _axis(node, rank=4) == 2 and len(node.inputs) > 1:
+            _drop_input(node, index)  # a Concat of the past alone becomes the empty tensor, below
         elif node.op_type == "Shape" and node.domain == "":
             piece = _shape_slice(graph, node, dims, batch_1d)
             node.outputs[0].replace_all_uses_with(piece, replace_graph_outputs=True)

@@ -71,8 +71,13 @@ class Engine:
         device: str = "cpu",
         verify: bool = True,
         opt_level: GraphOptLevel = GraphOptLevel.ENABLE_ALL,
+        prepack: bool = True,
     ) -> Engine:
-        """Load an artifact directory; `verify` checks every file's sha256 against the manifest first."""
+        """Load an artifact directory; `verify` checks every file's sha256 against the manifest first.
+
+        `prepack=False` trades GEMM speed for one shared, memory-mapped copy of the weights
+        (see backend_ort.session_options).
+        """
         root = Path(path)
         t0 = time.perf_counter()
         manifest = load_manifest(root, verify=verify)
@@ -86,6 +91,7 @@ class Engine:
                 threads=threads,
                 device=device,
                 opt_level=opt_level,
+                prepack=prepack,
             )
             for name in ("prefill", "decode")
         }
