@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from tiny import TINY_CONFIGS, save_tiny_hf_dir, tiny_tokenizer
+
 from twophase.compiler.driver import compile_model
 from twophase.compiler.options import CompileOptions
 from twophase.runtime.engine import Engine

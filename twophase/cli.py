@@ -37,8 +37,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="compile a model into an artifact directory")
     p.add_argument("source", help="zoo name (e.g. smollm2-135m-instruct), HF model dir, .gguf or .onnx file")
     p.add_argument("-o", "--output", required=True, type=Path, help="artifact directory to create")
-    p.add_argument("--prefill", default="fp32", help="prefill scheme (fp32)")
-    p.add_argument("--decode", default="fp32", help="decode scheme (fp32)")
+    p.add_argument("--prefill", default=None, help="prefill scheme: fp32, w8a16, w4a16, w8a8[-dynamic|-static]")
+    p.add_argument("--decode", default=None, help="decode scheme: fp32, w8a16, w4a16, w8a8[-dynamic|-static]")
+    q = p.add_argument_group("quantization (applies to every phase whose scheme uses it)")
+    q.add_argument("--algorithm", default=None, help="weight codes: rtn, gptq, awq, gguf (keep a GGUF source's grid)")
+    q.add_argument("--block-size", type=int, default=32, help="int4 block along the reduction axis (16..256)")
+    q.add_argument("--asym", action="store_true", help="int4 with zero points (uint4) instead of symmetric int4")
+    q.add_argument("--activations", default=None, help="w8a8 activation scales: dynamic (per token) or static")
+    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="w8a8 SmoothQuant alpha")
+    q.add_argument("--accuracy-level", type=int, default=4,
+                   help="ORT MatMulNBits accuracy_level (1 fp32 compute, 4 int8 activations; default 4)")
+    q.add_argument("--calibration-windows", type=int, default=16, help="512-token calibration windows")
     p.add_argument("--backend", default="ort", help="lowering backend (ort)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-len", type=int, default=None, help="longest prompt+generation accepted (default: the model's)")
@@ -52,6 +61,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats", action="store_true", help="print timing statistics to stderr")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     _add_sampling_args(p)
+
+    p = sub.add_parser("eval", help="perplexity and greedy agreement of each phase's scheme vs an fp32 artifact")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--reference", type=Path, default=None, help="fp32 artifact of the same model to compare with")
+    p.add_argument("--windows", type=int, default=20, help="prefill: evaluation windows (evenly spaced)")
+    p.add_argument("--length", type=int, default=512, help="prefill: tokens per window")
+    p.add_argument("--decode-windows", type=int, default=None, help="decode: windows (teacher-forced steps)")
+    p.add_argument("--decode-length", type=int, default=None, help="decode: tokens per window")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("export", help="export a source to the canonical ONNX graph (no passes)")
     p.add_argument("source")
@@ -69,7 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_compile_options(args: argparse.Namespace):
-    from twophase.compiler.options import Backend, CompileOptions, Device, PhaseOptions, QuantScheme
+    from twophase.compiler.options import (
+        Backend,
+        CompileOptions,
+        Device,
+        PhaseOptions,
+        QuantScheme,
+    )
 
     def enum_value(enum_cls, value: str, flag: str):
         try:
@@ -141,6 +166,19 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from twophase.compiler.evaluate import evaluate_artifact
+
+    kwargs = {"windows": args.windows, "length": args.length, "threads": args.threads}
+    if args.decode_windows is not None:
+        kwargs["decode_windows"] = args.decode_windows
+    if args.decode_length is not None:
+        kwargs["decode_length"] = args.decode_length
+    report = evaluate_artifact(args.artifact, args.reference, **kwargs)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else report.format())
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -180,6 +218,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
+    "eval": cmd_eval,
     "export": cmd_export,
     "diff": cmd_diff,
     "inspect": cmd_inspect,

@@ -7,7 +7,6 @@ records the sha256 of every other file (see manifest.py for the schema).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -16,15 +15,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from twophase.compiler.errors import ArtifactError
-from twophase.compiler.manifest import MANIFEST_FILE, Manifest
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+from twophase.compiler.manifest import MANIFEST_FILE
+from twophase.runtime.artifact import sha256_file
 
 
 def hash_files(directory: Path) -> dict[str, str]:

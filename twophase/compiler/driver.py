@@ -11,9 +11,9 @@ from importlib import metadata
 from pathlib import Path
 
 from twophase.compiler.artifact import hash_files, staging_dir, write_json
+from twophase.compiler.errors import UnsupportedModelError
 from twophase.compiler.manifest import MANIFEST_FILE, Manifest, PhaseEntry
 from twophase.compiler.options import Backend, CompileOptions, Phase
-from twophase.compiler.errors import UnsupportedModelError
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from collections.abc import Callable
 
 import onnx_ir as ir
 
-from twophase.compiler.graph_diff import diff_models
 from twophase.compiler.errors import UnsupportedModelError
+from twophase.compiler.graph_diff import diff_models
 from twophase.compiler.options import CompileOptions, Phase, QuantScheme
 from twophase.passes.cleanup import CleanupPass
 from twophase.passes.split_phases import SplitPhasesPass

@@ -23,6 +23,7 @@ from typing import Any
 from twophase.compiler.errors import UnknownSourceError
 from twophase.compiler.manifest import ModelFacts
 from twophase.models import zoo
+from twophase.runtime.artifact import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def _hash_files(paths: list[Path]) -> str:
     h = hashlib.sha256()
     for p in sorted(paths):
         h.update(p.name.encode())
-        h.update(zoo.sha256_file(p).encode())
+        h.update(sha256_file(p).encode())
     return h.hexdigest()
 
 
@@ -114,7 +115,7 @@ def load_canonical(source: Source | str, *, use_cache: bool = True) -> Canonical
         checkpoint, gguf_file, content_sha = gguf.parent, gguf.name, zoo.lookup(source.spec).sha256
     elif source.kind is SourceKind.GGUF:
         checkpoint, gguf_file = source.path.parent, source.path.name
-        content_sha = zoo.sha256_file(source.path)
+        content_sha = sha256_file(source.path)
     else:
         checkpoint, gguf_file = source.path, None
         content_sha = _hash_files([p for p in source.path.iterdir() if p.is_file()])
@@ -131,7 +132,11 @@ def load_canonical(source: Source | str, *, use_cache: bool = True) -> Canonical
 def _export_to(export_dir: Path, checkpoint: Path, gguf_file: str | None) -> None:
     """Export a checkpoint into `export_dir` atomically (temp dir + rename)."""
     from twophase.models.export import export_canonical
-    from twophase.models.hf import facts_from_config, load_causal_lm, save_tokenizer_files
+    from twophase.models.hf import (
+        facts_from_config,
+        load_causal_lm,
+        save_tokenizer_files,
+    )
 
     model, tokenizer = load_causal_lm(checkpoint, gguf_file)
     facts = facts_from_config(model.config, getattr(model, "generation_config", None))

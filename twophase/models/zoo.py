@@ -8,7 +8,6 @@ user cache directory and verifies it; later calls find it there.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import os
 import subprocess
@@ -18,6 +17,7 @@ import zipfile
 from pathlib import Path
 
 from twophase.compiler.errors import DownloadError, UnknownSourceError
+from twophase.runtime.artifact import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -57,14 +57,6 @@ def cache_dir() -> Path:
     except ImportError:  # platformdirs is a compile-time extra; fall back to XDG's default
         return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "twophase"
     return Path(user_cache_dir("twophase"))
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def lookup(name: str) -> ZooEntry:
