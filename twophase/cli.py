@@ -58,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", required=True)
     p.add_argument("--chat", action="store_true", help="apply the model's chat template to the prompt")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (needs onnxruntime-gpu and a GPU)")
     p.add_argument("--stats", action="store_true", help="print timing statistics to stderr")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
     _add_sampling_args(p)
@@ -87,30 +88,58 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enum_value(enum_cls, value: str, flag: str):
+    try:
+        return enum_cls(value)
+    except ValueError:
+        choices = ", ".join(e.value for e in enum_cls)
+        raise TwophaseError(f"{flag} {value!r} is not one of: {choices}") from None
+
+
 def _parse_compile_options(args: argparse.Namespace):
+    from twophase.compiler import defaults
     from twophase.compiler.options import (
+        ActivationMode,
         Backend,
         CompileOptions,
         Device,
         PhaseOptions,
         QuantScheme,
+        WeightAlgorithm,
     )
-
-    def enum_value(enum_cls, value: str, flag: str):
-        try:
-            return enum_cls(value)
-        except ValueError:
-            choices = ", ".join(e.value for e in enum_cls)
-            raise TwophaseError(f"{flag} {value!r} is not one of: {choices}") from None
 
     if args.max_len is not None and args.max_len < 2:
         raise TwophaseError(f"--max-len must be at least 2, got {args.max_len}")
+    if args.calibration_windows < 1:
+        raise TwophaseError(f"--calibration-windows must be at least 1, got {args.calibration_windows}")
+
+    def phase_options(spec: str | None, flag: str, default: PhaseOptions) -> PhaseOptions:
+        scheme_text, _, mode = (spec or default.scheme.value).partition("-")
+        scheme = _enum_value(QuantScheme, scheme_text, flag)
+        if mode and scheme is not QuantScheme.W8A8:
+            raise TwophaseError(f"{flag} {spec!r}: only w8a8 takes a -dynamic/-static suffix")
+        activations = mode or args.activations or default.activations.value
+        try:
+            return PhaseOptions(
+                scheme=scheme,
+                algorithm=_enum_value(WeightAlgorithm, args.algorithm or default.algorithm.value, "--algorithm"),
+                block_size=args.block_size,
+                symmetric=not args.asym,
+                activations=_enum_value(ActivationMode, activations, "--activations"),
+                smoothquant_alpha=args.smoothquant if args.smoothquant is not None else default.smoothquant_alpha,
+                accuracy_level=args.accuracy_level,
+            )
+        except ValueError as e:  # PhaseOptions' own range checks
+            raise TwophaseError(f"{flag}: {e}") from None
+
+    prefill_default, decode_default = defaults.phase_defaults(args.source)
     return CompileOptions(
-        backend=enum_value(Backend, args.backend, "--backend"),
-        device=enum_value(Device, args.device, "--device"),
-        prefill=PhaseOptions(enum_value(QuantScheme, args.prefill, "--prefill")),
-        decode=PhaseOptions(enum_value(QuantScheme, args.decode, "--decode")),
+        backend=_enum_value(Backend, args.backend, "--backend"),
+        device=_enum_value(Device, args.device, "--device"),
+        prefill=phase_options(args.prefill, "--prefill", prefill_default),
+        decode=phase_options(args.decode, "--decode", decode_default),
         max_len=args.max_len,
+        calibration_windows=args.calibration_windows,
     )
 
 
@@ -139,7 +168,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from twophase.runtime.engine import Engine
 
-    engine = Engine.load(args.artifact, threads=args.threads, verify=not args.no_verify)
+    engine = Engine.load(args.artifact, threads=args.threads, device=args.device, verify=not args.no_verify)
     pieces = engine.generate(
         args.prompt,
         max_new_tokens=args.max_new_tokens,

@@ -43,7 +43,7 @@ def compile_model(
 ) -> Path:
     """Compile `source` (zoo name, HF dir, .gguf, .onnx, or a CanonicalModel) into `out_dir`."""
     from twophase.compiler.lower_ort import write_phase_graphs
-    from twophase.compiler.pipeline import run_phase_pipeline, target_name
+    from twophase.compiler.pipeline import Calibration, run_phase_pipeline, target_name
     from twophase.models.sources import CanonicalModel, load_canonical
 
     step = progress or (lambda name: None)
@@ -68,9 +68,10 @@ def compile_model(
 
     phase_models = {}
     records = []
+    calibration = Calibration(canonical.tokenizer_json, options)
     for phase in Phase:
         step(f"{phase.value} pipeline ({target_name(options)})")
-        model, recs = run_phase_pipeline(canonical.model, phase, options)
+        model, recs = run_phase_pipeline(canonical.model, phase, options, calibration)
         phase_models[phase.value] = model
         records += recs
 
@@ -96,6 +97,7 @@ def compile_model(
                 "target": target_name(options),
                 "passes": [r.to_dict() for r in records],
                 "weights": dataclasses.asdict(wstats),
+                "calibration_seconds": round(calibration.seconds, 2),
                 "compile_seconds": round(time.perf_counter() - t0, 2),
             },
         )

@@ -1,7 +1,20 @@
 """Named pass pipelines, one per target, assembled from per-phase pass lists.
 
-A pipeline maps the canonical graph to one phase's graph. Each pass that runs is recorded with its
-time and its graph diff (what it added and removed), which the artifact's report.json carries.
+A pipeline maps the canonical graph to one phase's graph:
+
+    SplitPhasesPass -> CleanupPass -> [quantization for the phase's scheme] -> [target fusion] -> CleanupPass
+
+    fp32   nothing more
+    w8a16  QuantizeWeightsPass(int8, per channel)        -> FuseDequantMatMulPass (MatMulNBits 8-bit)
+    w4a16  QuantizeWeightsPass(int4, blocked; RTN, GPTQ,   -> FuseDequantMatMulPass (MatMulNBits 4-bit)
+                                or the GGUF grid)
+    w8a8   QuantizeActivationsPass(dynamic | static,      -> FuseInt8MatMulPass (ORT integer GEMM)
+                                   optional SmoothQuant)
+
+Passes that need calibration statistics are built just before they run, from the graph at that point
+(`Calibration` computes the statistics once per compile and shares them between phases: the weights
+and activations they describe are the same). Each pass that runs is recorded with its time and its
+graph diff, which the artifact's report.json carries.
 """
 
 from __future__ import annotations
@@ -10,16 +23,27 @@ import dataclasses
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import onnx_ir as ir
 
 from twophase.compiler.errors import UnsupportedModelError
 from twophase.compiler.graph_diff import diff_models
-from twophase.compiler.options import CompileOptions, Phase, QuantScheme
+from twophase.compiler.options import (
+    ActivationMode,
+    CompileOptions,
+    Phase,
+    PhaseOptions,
+    QuantScheme,
+    WeightAlgorithm,
+)
 from twophase.passes.cleanup import CleanupPass
 from twophase.passes.split_phases import SplitPhasesPass
 
 log = logging.getLogger(__name__)
+
+# A pipeline step: a pass, or a function building one from the graph it will run on.
+Step = ir.passes.PassBase | Callable[[ir.Model], ir.passes.PassBase]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,15 +58,93 @@ class PassRecord:
         return dataclasses.asdict(self)
 
 
-def _ort_phase_passes(phase: Phase, options: CompileOptions) -> list[ir.passes.PassBase]:
-    scheme = options.phase(phase).scheme
-    if scheme is not QuantScheme.FP32:
-        raise UnsupportedModelError(f"scheme {scheme.value} is not implemented for the ORT target yet")
-    return [SplitPhasesPass(phase), CleanupPass()]
+class Calibration:
+    """Calibration statistics of one compile, computed on first use (see compiler/calibration.py)."""
+
+    def __init__(self, tokenizer_json: Path | None, options: CompileOptions) -> None:
+        self.tokenizer_json = tokenizer_json
+        self.options = options
+        self.needs_hessian = any(
+            options.phase(p).algorithm is WeightAlgorithm.GPTQ and options.phase(p).scheme is QuantScheme.W4A16
+            for p in Phase
+        )
+        self._stats = None
+        self.seconds = 0.0
+
+    def stats(self, model: ir.Model) -> dict:
+        """{weight initializer name: MatMulStats}, collected by running `model` on calibration text."""
+        if self._stats is None:
+            from twophase.compiler.calibration import collect_matmul_stats
+            from twophase.compiler.corpus import default_calibration_windows
+
+            if self.tokenizer_json is None:
+                raise UnsupportedModelError(
+                    "calibration (static w8a8, SmoothQuant, GPTQ) needs the model's tokenizer to read the "
+                    "calibration text; this source has no tokenizer.json"
+                )
+            start = time.perf_counter()
+            windows = default_calibration_windows(
+                self.tokenizer_json, self.options.calibration_windows, self.options.calibration_tokens
+            )
+            self._stats = collect_matmul_stats(model, windows, hessian=self.needs_hessian)
+            self.seconds = time.perf_counter() - start
+            log.info("calibration: %d windows in %.1fs", len(windows), self.seconds)
+        return self._stats
+
+    def activation_absmax(self, model: ir.Model) -> dict:
+        """{name of each weighted MatMul's activation input in `model`: per-channel absmax [K]}."""
+        from twophase.compiler.calibration import weighted_matmuls
+
+        stats = self.stats(model)
+        return {n.inputs[0].name: stats[n.inputs[1].name].absmax_K for n in weighted_matmuls(model.graph)
+                if n.inputs[1].name in stats}
 
 
-# target name -> function (phase, options) -> the phase's passes, in order
-PIPELINES: dict[str, Callable[[Phase, CompileOptions], list[ir.passes.PassBase]]] = {
+def _weight_quantizer(po: PhaseOptions, calibration: Calibration, model: ir.Model):
+    if po.algorithm is WeightAlgorithm.GPTQ:
+        from twophase.compiler.calibration import hessians
+        from twophase.kernels.gptq import gptq_quantizer
+
+        return gptq_quantizer(
+            hessians(calibration.stats(model)), bits=po.scheme.weight_bits, block_size=po.block_size,
+            symmetric=po.symmetric,
+        )
+    if po.algorithm is WeightAlgorithm.AWQ:
+        raise UnsupportedModelError("algorithm awq is not implemented; use gptq (calibrated) or rtn")
+    return None
+
+
+def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
+    po = options.phase(phase)
+    steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
+    if po.scheme in (QuantScheme.W8A16, QuantScheme.W4A16):
+        from twophase.passes.fuse_dequant_matmul import FuseDequantMatMulPass
+        from twophase.passes.quantize_weights import QuantizeWeightsPass
+
+        if po.algorithm is WeightAlgorithm.GPTQ and po.scheme is not QuantScheme.W4A16:
+            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
+        steps.append(lambda m: QuantizeWeightsPass.from_options(po, _weight_quantizer(po, calibration, m)))
+        steps.append(FuseDequantMatMulPass(po.accuracy_level))
+    elif po.scheme is QuantScheme.W8A8:
+        from twophase.passes.fuse_int8_matmul import FuseInt8MatMulPass
+        from twophase.passes.quantize_activations import QuantizeActivationsPass
+
+        needs_stats = po.activations is ActivationMode.STATIC or po.smoothquant_alpha is not None
+        steps.append(
+            lambda m: QuantizeActivationsPass(
+                po.activations,
+                calibration.activation_absmax(m) if needs_stats else None,
+                po.smoothquant_alpha,
+            )
+        )
+        steps.append(FuseInt8MatMulPass())
+    if len(steps) > 2:
+        steps.append(CleanupPass())
+    return steps
+
+
+# target name -> function (phase, options, calibration) -> the phase's steps, in order
+PIPELINES: dict[str, Callable[[Phase, CompileOptions, Calibration], list[Step]]] = {
     "ort-cpu": _ort_phase_passes,
     "ort-cuda": _ort_phase_passes,
 }
@@ -52,22 +154,23 @@ def target_name(options: CompileOptions) -> str:
     return f"{options.backend.value}-{options.device.value}"
 
 
-def phase_passes(phase: Phase, options: CompileOptions) -> list[ir.passes.PassBase]:
+def phase_steps(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     name = target_name(options)
     if name not in PIPELINES:
         raise UnsupportedModelError(f"no pipeline for target {name!r} (have {sorted(PIPELINES)})")
-    return PIPELINES[name](phase, options)
+    return PIPELINES[name](phase, options, calibration)
 
 
 def run_phase_pipeline(
-    canonical: ir.Model, phase: Phase, options: CompileOptions
+    canonical: ir.Model, phase: Phase, options: CompileOptions, calibration: Calibration
 ) -> tuple[ir.Model, list[PassRecord]]:
     """Run the phase's passes on (a copy of) the canonical graph; the input is left unchanged."""
     model = canonical
     records: list[PassRecord] = []
-    for p in phase_passes(phase, options):
+    for step in phase_steps(phase, options, calibration):
         snapshot = model.clone()  # shares tensors: cheap, and in-place passes leave it intact
         start = time.perf_counter()
+        p = step if isinstance(step, ir.passes.PassBase) else step(model)
         result = p(model)
         seconds = time.perf_counter() - start
         diff = diff_models(snapshot, result.model)
