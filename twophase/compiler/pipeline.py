@@ -10,6 +10,7 @@ A pipeline maps the canonical graph to one phase's graph:
                                 or the GGUF grid)
     w8a8   QuantizeActivationsPass(dynamic | static,      -> FuseInt8MatMulPass (ORT integer GEMM)
                                    optional SmoothQuant)
+           then the lm_head (one position in prefill) and the embedding in decode's weight-only format
 
 Passes that need calibration statistics are built just before they run, from the graph at that point
 (`Calibration` computes the statistics once per compile and shares them between phases: the weights
@@ -41,6 +42,8 @@ from twophase.passes.cleanup import CleanupPass
 from twophase.passes.split_phases import SplitPhasesPass
 
 log = logging.getLogger(__name__)
+
+WEIGHT_ONLY = (QuantScheme.W8A16, QuantScheme.W4A16)
 
 # A pipeline step: a pass, or a function building one from the graph it will run on.
 Step = ir.passes.PassBase | Callable[[ir.Model], ir.passes.PassBase]
@@ -117,27 +120,34 @@ def _weight_quantizer(po: PhaseOptions, calibration: Calibration, model: ir.Mode
 def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     po = options.phase(phase)
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
-    if po.scheme in (QuantScheme.W8A16, QuantScheme.W4A16):
-        from twophase.passes.fuse_dequant_matmul import FuseDequantMatMulPass
-        from twophase.passes.quantize_weights import QuantizeWeightsPass
-
-        if po.algorithm is WeightAlgorithm.GPTQ and po.scheme is not QuantScheme.W4A16:
-            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
-        steps.append(lambda m: QuantizeWeightsPass.from_options(po, _weight_quantizer(po, calibration, m)))
-        steps.append(FuseDequantMatMulPass(po.accuracy_level))
-    elif po.scheme is QuantScheme.W8A8:
+    if po.scheme is QuantScheme.W8A8:
         from twophase.passes.fuse_int8_matmul import FuseInt8MatMulPass
-        from twophase.passes.quantize_activations import QuantizeActivationsPass
+        from twophase.passes.quantize_activations import QuantizeActivationsPass, produces_graph_output
 
         needs_stats = po.activations is ActivationMode.STATIC or po.smoothquant_alpha is not None
+        # The lm_head runs on one position in prefill (a GEMV): it is left to the weight-only step below.
         steps.append(
             lambda m: QuantizeActivationsPass(
                 po.activations,
                 calibration.activation_absmax(m) if needs_stats else None,
                 po.smoothquant_alpha,
+                skip=produces_graph_output,
             )
         )
         steps.append(FuseInt8MatMulPass())
+    # Weight-only quantization: the phase's own scheme, or, for the MatMuls w8a8 left in float (the
+    # lm_head) and the embedding, the decode phase's weight format, so both phases share those weights.
+    weight_po = po if po.scheme in WEIGHT_ONLY else None
+    if po.scheme is QuantScheme.W8A8 and options.decode.scheme in WEIGHT_ONLY:
+        weight_po = options.decode
+    if weight_po is not None:
+        from twophase.passes.fuse_dequant_matmul import FuseDequantMatMulPass
+        from twophase.passes.quantize_weights import QuantizeWeightsPass
+
+        if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
+            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
+        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration, m)))
+        steps.append(FuseDequantMatMulPass(weight_po.accuracy_level))
     if len(steps) > 2:
         steps.append(CleanupPass())
     return steps

@@ -226,8 +226,10 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             s = tape.op("Max", [tape.op("Mul", [amax, _const(graph, f"{tag}_inv127", np.array(1 / 127, np.float32))]),
                                 _const(graph, f"{tag}_eps", np.array(SCALE_EPS, np.float32))])
             s.name = f"{tag}_scale_M"
+            s.dtype = ir.DataType.FLOAT
             xq = tape.op("QuantizeLinear", [x2, s], {"axis": 0, "output_dtype": ir.DataType.INT8.value})
             xq.name = f"{tag}_q8_MK"
+            xq.dtype = ir.DataType.INT8
             xd = tape.op("DequantizeLinear", [xq, s], {"axis": 0})
             prefix = tape.op("Shape", [x], {"end": -1})
             parts = (xd, prefix)
@@ -238,6 +240,7 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             zp = _const(graph, f"{tag}_zp", np.array(0, np.int8))
             xq = tape.op("QuantizeLinear", [x, s, zp])
             xq.name = f"{tag}_q8"
+            xq.dtype = ir.DataType.INT8
             xd = tape.op("DequantizeLinear", [xq, s, zp])
             parts = (xd, None)
         graph.insert_before(node, tape.nodes)
@@ -249,7 +252,7 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             cache[key] = self._quantize_activation(graph, node, x, stats)
         xd, prefix = cache[key]
         w = weight_of(node)
-        K, N = w.shape
+        _K, N = w.shape
         qw = quantize_weight_per_channel(w, self.weight_bits)
         wname = node.inputs[1].name or f"{node.name}_W"
         codes = _const(graph, f"{wname}_q{self.weight_bits}", qw.codes_KN)

@@ -17,8 +17,8 @@ The division by f is folded into whatever produces x, so it costs nothing at run
     otherwise (e.g. the attention output feeding o_proj), when `insert_mul` is set:
     After:   x_s = Mul(x, 1 / f);   y = MatMul(x_s, f[:, None] * W)
 
-Folding into a producer needs every consumer of x to be one of the smoothed MatMuls and the
-producer's constant to have no other reader. RMSNormalization, SimplifiedLayerNormalization and
+Folding into a producer needs every consumer of x to be one of the smoothed MatMuls; a norm
+scale shared with other readers is copied first, a producer MatMul's weight must have no other reader. RMSNormalization, SimplifiedLayerNormalization and
 LayerNormalization (scale and bias) are recognized.
 
 `smoothed_stats` (after the pass ran) holds the calibration statistics of the smoothed
@@ -33,7 +33,13 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from twophase.passes.quantize_activations import ActivationStats, MatMulFilter, _const, quantizable_matmuls, weight_of
+from twophase.passes.quantize_activations import (
+    ActivationStats,
+    MatMulFilter,
+    _const,
+    quantizable_matmuls,
+    weight_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -116,9 +122,14 @@ class SmoothQuantPass(ir.passes.InPlacePass):
         producer = x.producer()
         if only_ours and producer is not None and producer.op_type in NORM_OPS:
             consts = [v for v in producer.inputs[1:3] if v is not None]
-            if all(_private_const(v) and v.const_value.numpy().shape == f.shape for v in consts):
-                for v in consts:
-                    _set_const(v, v.const_value.numpy() / f)
+            if all(v.const_value is not None and v.const_value.numpy().shape == f.shape for v in consts):
+                for i, v in enumerate(producer.inputs[1:3], start=1):
+                    if v is None:
+                        continue
+                    if not _private_const(v):  # a scale shared by several norms: give this one a copy
+                        producer.replace_input_with(i, _const(graph, f"{v.name}_smoothed", v.const_value.numpy() / f))
+                    else:
+                        _set_const(v, v.const_value.numpy() / f)
                 self.smoothed_stats[x.name] = stats / f
                 return "norm"
         if only_ours and producer is not None and producer.op_type == "Mul":
