@@ -1,6 +1,9 @@
-"""Prefill and decode throughput of a twophase artifact vs transformers eager fp32, side by side.
+"""Prefill and decode throughput of twophase artifacts vs transformers eager fp32, side by side.
 
-    python benchmarks/phases.py [--artifact DIR] [--model smollm2-135m-instruct] [--threads 2] [--reps 5]
+    python benchmarks/phases.py [--artifact DIR ...] [--model smollm2-135m-instruct] [--threads 2] [--reps 5]
+
+With several --artifact directories (e.g. one per quantization scheme) every row also gets its ratio
+to the first artifact (the fp32 baseline), measured in the same run.
 
 Prompts are real text (CPython's pydoc_data/topics.py) cut to exactly N tokens. Prefill: one forward
 over the N-token prompt. Decode: tokens/s over --decode-steps greedy steps after a 128-token prompt
@@ -31,12 +34,12 @@ def corpus_ids(tokenizer, n: int) -> list[int]:
 
 
 class TwophaseRunner:
-    name = "twophase (ORT, fp32)"
-
     def __init__(self, artifact: Path, threads: int) -> None:
         from twophase.runtime.engine import Engine
 
         self.engine = Engine.load(artifact, threads=threads)
+        phases = self.engine.manifest.phases
+        self.name = f"twophase {artifact.name} (prefill {phases['prefill'].scheme}, decode {phases['decode'].scheme})"
 
     def prefill(self, ids: list[int]) -> float:
         x = np.asarray([ids], dtype=np.int64)
@@ -90,7 +93,8 @@ class TransformersRunner:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
-    p.add_argument("--artifact", type=Path, default=None, help="compiled artifact (compiled into out/ if absent)")
+    p.add_argument("--artifact", type=Path, action="append", default=None,
+                   help="compiled artifact (repeatable; default: out/MODEL, compiled if absent)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=64)
@@ -98,18 +102,18 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-    artifact = args.artifact or Path("out") / args.model
-    if not (artifact / "manifest.json").is_file():
+    artifacts = args.artifact or [Path("out") / args.model]
+    if not (artifacts[0] / "manifest.json").is_file():
         from twophase.compiler.driver import compile_model
         from twophase.compiler.options import CompileOptions
 
-        print(f"compiling {args.model} into {artifact} ...", file=sys.stderr)
-        compile_model(args.model, artifact, CompileOptions())
+        print(f"compiling {args.model} into {artifacts[0]} ...", file=sys.stderr)
+        compile_model(args.model, artifacts[0], CompileOptions())
 
-    ours = TwophaseRunner(artifact, args.threads)
-    runners = [ours, TransformersRunner(args.model, args.threads)]
+    ours = [TwophaseRunner(a, args.threads) for a in artifacts]
+    runners = [*ours, TransformersRunner(args.model, args.threads)]
     lengths = [int(n) for n in args.prefill_lengths.split(",")]
-    prompts = {n: corpus_ids(ours.engine.tokenizer, n) for n in lengths + [128]}
+    prompts = {n: corpus_ids(ours[0].engine.tokenizer, n) for n in lengths + [128]}
 
     # warm-up (session initialization, first-call allocations)
     for r in runners:
@@ -124,16 +128,18 @@ def main(argv: list[str] | None = None) -> int:
             times.setdefault((r.name, "decode @128"), []).append(args.decode_steps / r.decode(prompts[128], args.decode_steps))
 
     cols = [f"prefill {n}" for n in lengths] + ["decode @128"]
-    base = runners[-1].name
-    print(f"\n{args.model}, {args.threads} threads, median of {args.reps} runs, tokens/s (ratio vs {base})\n")
+    base, hf = runners[0].name, runners[-1].name
+    print(f"\n{args.model}, {args.threads} threads, median of {args.reps} runs; tokens/s "
+          f"(ratio vs the first artifact / vs transformers)\n")
     print("| engine | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in runners:
         cells = []
         for c in cols:
             med = statistics.median(times[(r.name, c)])
-            ratio = med / statistics.median(times[(base, c)])
-            cells.append(f"{med:.1f} ({ratio:.2f}x)")
+            vs_base = med / statistics.median(times[(base, c)])
+            vs_hf = med / statistics.median(times[(hf, c)])
+            cells.append(f"{med:.1f} ({vs_base:.2f}x / {vs_hf:.2f}x)")
         print(f"| {r.name} | " + " | ".join(cells) + " |")
     return 0
 

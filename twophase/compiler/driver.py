@@ -68,7 +68,7 @@ def compile_model(
 
     phase_models = {}
     records = []
-    calibration = Calibration(canonical.tokenizer_json, options)
+    calibration = Calibration(canonical.model, canonical.tokenizer_json, options)
     for phase in Phase:
         step(f"{phase.value} pipeline ({target_name(options)})")
         model, recs = run_phase_pipeline(canonical.model, phase, options, calibration)

@@ -62,9 +62,14 @@ class PassRecord:
 
 
 class Calibration:
-    """Calibration statistics of one compile, computed on first use (see compiler/calibration.py)."""
+    """Calibration statistics of one compile, computed on first use (see compiler/calibration.py).
 
-    def __init__(self, tokenizer_json: Path | None, options: CompileOptions) -> None:
+    They are collected on the canonical graph (full windows; the decode graph takes one token) and
+    keyed by weight initializer name, which every phase graph shares with it.
+    """
+
+    def __init__(self, canonical: ir.Model, tokenizer_json: Path | None, options: CompileOptions) -> None:
+        self.canonical = canonical
         self.tokenizer_json = tokenizer_json
         self.options = options
         self.needs_hessian = any(
@@ -74,8 +79,8 @@ class Calibration:
         self._stats = None
         self.seconds = 0.0
 
-    def stats(self, model: ir.Model) -> dict:
-        """{weight initializer name: MatMulStats}, collected by running `model` on calibration text."""
+    def stats(self) -> dict:
+        """{weight initializer name: MatMulStats}, from the canonical graph run on calibration text."""
         if self._stats is None:
             from twophase.compiler.calibration import collect_matmul_stats
             from twophase.compiler.corpus import default_calibration_windows
@@ -89,7 +94,7 @@ class Calibration:
             windows = default_calibration_windows(
                 self.tokenizer_json, self.options.calibration_windows, self.options.calibration_tokens
             )
-            self._stats = collect_matmul_stats(model, windows, hessian=self.needs_hessian)
+            self._stats = collect_matmul_stats(self.canonical, windows, hessian=self.needs_hessian)
             self.seconds = time.perf_counter() - start
             log.info("calibration: %d windows in %.1fs", len(windows), self.seconds)
         return self._stats
@@ -98,18 +103,18 @@ class Calibration:
         """{name of each weighted MatMul's activation input in `model`: per-channel absmax [K]}."""
         from twophase.compiler.calibration import weighted_matmuls
 
-        stats = self.stats(model)
+        stats = self.stats()
         return {n.inputs[0].name: stats[n.inputs[1].name].absmax_K for n in weighted_matmuls(model.graph)
                 if n.inputs[1].name in stats}
 
 
-def _weight_quantizer(po: PhaseOptions, calibration: Calibration, model: ir.Model):
+def _weight_quantizer(po: PhaseOptions, calibration: Calibration):
     if po.algorithm is WeightAlgorithm.GPTQ:
         from twophase.compiler.calibration import hessians
         from twophase.kernels.gptq import gptq_quantizer
 
         return gptq_quantizer(
-            hessians(calibration.stats(model)), bits=po.scheme.weight_bits, block_size=po.block_size,
+            hessians(calibration.stats()), bits=po.scheme.weight_bits, block_size=po.block_size,
             symmetric=po.symmetric,
         )
     if po.algorithm is WeightAlgorithm.AWQ:
@@ -146,7 +151,7 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
 
         if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
             raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
-        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration, m)))
+        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
         steps.append(FuseDequantMatMulPass(weight_po.accuracy_level))
     if len(steps) > 2:
         steps.append(CleanupPass())
