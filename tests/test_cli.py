@@ -42,9 +42,12 @@ def test_run_chat(compiled):
 def test_inspect_and_diff(compiled):
     proc = twophase("inspect", str(compiled))
     assert proc.returncode == 0, proc.stderr
-    assert "[prefill]" in proc.stdout and "[decode]" in proc.stdout and "float32" in proc.stdout
+    assert "[prefill]" in proc.stdout and "[decode]" in proc.stdout and "uint8" in proc.stdout
     info = json.loads(twophase("inspect", str(compiled), "--json").stdout)
-    assert info["phases"]["decode"]["ops"]["MatMul"] == info["phases"]["prefill"]["ops"]["MatMul"]
+    # the default schemes: w8a8 prefill (integer GEMMs), w4a16 decode (4-bit MatMulNBits)
+    assert info["phases"]["prefill"]["scheme"] == "w8a8" and info["phases"]["decode"]["scheme"] == "w4a16"
+    assert info["phases"]["prefill"]["ops"]["com.microsoft::MatMulIntegerToFloat"] == 14
+    assert info["phases"]["decode"]["ops"]["com.microsoft::MatMulNBits"] == 15
     proc = twophase("diff", str(compiled / "prefill.onnx"), str(compiled / "decode.onnx"))
     assert proc.returncode == 0, proc.stderr
     assert "past_key_values.0.key" in proc.stdout
@@ -58,6 +61,10 @@ def test_inspect_and_diff(compiled):
         (["compile", "no-such-model", "-o", "{tmp}/x"], "not a model in the zoo"),
         (["compile", "{tmp}/missing.onnx", "-o", "{tmp}/x"], "no such file"),
         (["compile", "smollm2-135m-instruct", "-o", "{tmp}/x", "--prefill", "int3"], "--prefill 'int3' is not one of"),
+        (["compile", "smollm2-135m-instruct", "-o", "{tmp}/x", "--decode", "w4a16-static"], "only w8a8 takes"),
+        (["compile", "smollm2-135m-instruct", "-o", "{tmp}/x", "--block-size", "48"], "power of two"),
+        (["compile", "smollm2-135m-instruct", "-o", "{tmp}/x", "--smoothquant", "lots"], "neither a number"),
+        (["compile", "smollm2-135m-instruct", "-o", "{tmp}/x", "--algorithm", "magic"], "--algorithm 'magic'"),
         (["run", "{tmp}", "--prompt", "hi"], "manifest"),
         (["diff", "{tmp}/a.onnx", "{tmp}/b.onnx"], "no such file"),
     ],

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--block-size", type=int, default=32, help="int4 block along the reduction axis (16..256)")
     q.add_argument("--asym", action="store_true", help="int4 with zero points (uint4) instead of symmetric int4")
     q.add_argument("--activations", default=None, help="w8a8 activation scales: dynamic (per token) or static")
-    q.add_argument("--smoothquant", type=float, default=None, metavar="ALPHA", help="w8a8 SmoothQuant alpha")
+    q.add_argument("--smoothquant", default=None, metavar="ALPHA|off",
+                   help="w8a8 SmoothQuant alpha in [0, 1] (default for w8a8 prefill: 0.4), or off")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="ORT MatMulNBits accuracy_level (1 fp32 compute, 4 int8 activations; default 4)")
     q.add_argument("--calibration-windows", type=int, default=16, help="512-token calibration windows")
@@ -119,6 +120,12 @@ def _parse_compile_options(args: argparse.Namespace):
         if mode and scheme is not QuantScheme.W8A8:
             raise TwophaseError(f"{flag} {spec!r}: only w8a8 takes a -dynamic/-static suffix")
         activations = mode or args.activations or default.activations.value
+        alpha = default.smoothquant_alpha
+        if args.smoothquant is not None:
+            try:
+                alpha = None if args.smoothquant == "off" else float(args.smoothquant)
+            except ValueError:
+                raise TwophaseError(f"--smoothquant {args.smoothquant!r} is neither a number nor 'off'") from None
         try:
             return PhaseOptions(
                 scheme=scheme,
@@ -126,7 +133,7 @@ def _parse_compile_options(args: argparse.Namespace):
                 block_size=args.block_size,
                 symmetric=not args.asym,
                 activations=_enum_value(ActivationMode, activations, "--activations"),
-                smoothquant_alpha=args.smoothquant if args.smoothquant is not None else default.smoothquant_alpha,
+                smoothquant_alpha=alpha,
                 accuracy_level=args.accuracy_level,
             )
         except ValueError as e:  # PhaseOptions' own range checks
