@@ -115,6 +115,32 @@ def test_static_smoothquant_fused(canonical_onnx):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.08
 
 
+def test_static_with_per_token_outlier_matmuls_fused(canonical_onnx):
+    """STATIC with `per_token`: the chosen MatMuls (here the MLP down projections) get per-token
+    scales, the rest static ones; every MatMul still fuses into MatMulIntegerToFloat."""
+    base = ir.load(canonical_onnx("gqa"))
+    stats = activation_absmax(base, [canonical_feeds(base, seed=s) for s in (1, 2)])
+    hidden = min(n.inputs[1].shape[0] for n in quantizable_matmuls(base.graph, None))
+
+    def down(node: ir.Node) -> bool:
+        return node.inputs[1].shape[0] > hidden
+
+    n_down = sum(down(n) for n in quantizable_matmuls(base.graph, produces_graph_output))
+    assert n_down > 0
+    model = ir.load(canonical_onnx("gqa"))
+    QuantizeActivationsPass(ActivationMode.STATIC, stats, 0.5, skip=produces_graph_output, per_token=down)(model)
+    FuseInt8MatMulPass()(model)
+    check_full(model)
+    ops = [n.op_type for n in model.graph]
+    assert ops.count("ReduceMax") == n_down  # one per-token scale per down projection input
+    assert ops.count("MatMulIntegerToFloat") == len(quantizable_matmuls(base.graph, produces_graph_output))
+    assert "DequantizeLinear" not in ops
+    feeds = canonical_feeds(base, seed=3)
+    (ref,) = run_ort(base, feeds, ["logits"])
+    (y,) = run_ort(model, feeds, ["logits"])
+    assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.08
+
+
 def test_8bit_weight_codes_are_not_fused_unless_allowed():
     w = RNG.standard_normal((32, 16)).astype(np.float32)
     m = single_matmul(("M", 32), w)

@@ -11,7 +11,6 @@ from conftest import ALL_TINY
 
 from passes.w8a8_helpers import (
     activation_absmax,
-    activation_histograms,
     canonical_feeds,
     check_full,
     outlier_activations,
@@ -21,14 +20,7 @@ from passes.w8a8_helpers import (
 from twophase.compiler.graph_diff import diff_models
 from twophase.compiler.options import ActivationMode
 from twophase.passes.quantize_activations import (
-    HIST_BINS,
-    HIST_BINS_PER_OCTAVE,
-    HIST_LOG2_MIN,
     QuantizeActivationsPass,
-    StaticRange,
-    abs_log2_histogram,
-    hist_bin_centers,
-    mse_clip,
     per_token_scale,
     produces_graph_output,
     quantizable_matmuls,
@@ -82,85 +74,33 @@ def test_qdq_graph_matches_numpy_reference_exactly():
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
 
 
-def test_abs_log2_histogram_reference():
-    x = np.array([[0.0, -1.0], [1.0, 3.0], [1e-30, 1e30]], np.float32)  # (T=3, K=2)
-    h = abs_log2_histogram(x)
-    assert h.shape == (2, HIST_BINS) and h.dtype == np.int64 and h.sum() == x.size
-    one = -HIST_LOG2_MIN * HIST_BINS_PER_OCTAVE  # bin of 1.0 = [1, 2**(1/R))
-    three = int(np.floor((np.log2(3.0) - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE))
-    assert h[0, 0] == 2 and h[0, one] == 1  # 0 and 1e-30 underflow into bin 0
-    assert h[1, one] == 1 and h[1, three] == 1 and h[1, HIST_BINS - 1] == 1  # 1e30 overflows into the last bin
-    c = hist_bin_centers()
-    assert c[one] > 1.0 and c[one] < 2 ** (1 / HIST_BINS_PER_OCTAVE)
-    x = RNG.standard_normal((500, 7)).astype(np.float32)
-    np.testing.assert_array_equal(abs_log2_histogram(x[:200]) + abs_log2_histogram(x[200:]), abs_log2_histogram(x))
-
-
-def _brute_force_mse(v: np.ndarray, c: float, qmax: int = 127) -> float:
-    """Squared error of symmetric quantization of the values v with range c (clip, then round)."""
-    s = c / qmax
-    return float(np.sum((np.clip(np.rint(v / s), -qmax, qmax) * s - v) ** 2))
-
-
-def test_mse_clip_reference():
-    # Heavy-tailed values: the chosen clip is (nearly) the brute-force best of the same candidates
-    # and beats the absmax.
-    x = np.random.default_rng(1).standard_t(5, (4000, 8)).astype(np.float32)
-    amax = float(np.abs(x).max())
-    c = mse_clip(abs_log2_histogram(x), amax)
-    grid = amax * 2.0 ** (-np.arange(200) / 16.0)
-    best = min(_brute_force_mse(x, g) for g in grid)
-    assert c < 0.95 * amax
-    assert _brute_force_mse(x, c) < 1.05 * best < 0.95 * _brute_force_mse(x, amax)
-    # a few huge values among many small ones cost more clipped than rounded: no clipping
-    y = RNG.standard_normal((4000, 8)).astype(np.float32)
-    y[:3, 2] = 400.0
-    assert mse_clip(abs_log2_histogram(y), 400.0) == 400.0
-    # a divisor maps the histogram of x to that of x / f
-    f = np.full(8, 4.0)
-    h = abs_log2_histogram(x)
-    assert mse_clip(h, amax / 4, f) == pytest.approx(c / 4, rel=1e-6)
-    assert mse_clip(h, 0.0) == 0.0
-
-
-def test_static_mse_needs_histograms():
-    with pytest.raises(ValueError, match="histograms"):
-        QuantizeActivationsPass(ActivationMode.STATIC, {"x": np.ones(4, np.float32)}, static_range=StaticRange.MSE)
-
-
-def test_static_mse_graph_scale_and_numerics():
-    """One MatMul: the graph's static scale is mse_clip / 127 and the output equals the reference."""
-    w = RNG.standard_normal((32, 20)).astype(np.float32)
-    x = RNG.standard_t(4, (2, 300, 32)).astype(np.float32)  # heavy tails: the best clip is below the absmax
-    stats, hists = {"x": np.abs(x).max((0, 1))}, {"x": abs_log2_histogram(x)}
-    m = single_matmul(("B", "S", 32), w)
-    QuantizeActivationsPass(ActivationMode.STATIC, stats, static_range=StaticRange.MSE, histograms=hists)(m)
-    check_full(m)
-    scales = [v.const_value.numpy() for v in m.graph.initializers.values() if v.name.endswith("_scale")]
-    clip = mse_clip(hists["x"], float(stats["x"].max()))
-    assert len(scales) == 1 and scales[0] == pytest.approx(clip / 127, rel=1e-6) and clip < stats["x"].max()
-    (y,) = run_ort(m, {"x": x})
-    ref = reference_w8a8_matmul(x, quantize_weight_per_channel(w, 7), ActivationMode.STATIC, clip / 127)
-    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-4 * np.abs(ref).max())
-
-
-def test_static_mse_with_smoothquant_on_tiny_decoder(canonical_onnx):
-    """MSE-clipped static scales after SmoothQuant (histograms of the unsmoothed activations)."""
+def test_per_token_matmuls_with_their_own_smoothquant_alpha(canonical_onnx):
+    """STATIC with `per_token` down projections: per-token QDQ exactly there; a second alpha for
+    them changes only them (equal alphas give the single-alpha graph's outputs)."""
     before = ir.load(canonical_onnx("gqa"))
     calib = [canonical_feeds(before, seed=s) for s in (1, 2)]
-    stats, hists = activation_absmax(before, calib), activation_histograms(before, calib)
+    stats = activation_absmax(before, calib)
     feeds = canonical_feeds(before, seed=3)
-    ref = run_ort(before, feeds, ["logits"])[0]
-    model = ir.load(canonical_onnx("gqa"))
-    p = QuantizeActivationsPass(ActivationMode.STATIC, stats, smoothquant_alpha=0.5, skip=produces_graph_output,
-                                static_range=StaticRange.MSE, histograms=hists)
-    assert p(model).modified
-    check_full(model)
-    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) == len({n.inputs[0].name for n in before.graph
-                                                                           if n.op_type == "MatMul"
-                                                                           and n.inputs[1].const_value is not None}) - 1
-    got = run_ort(model, feeds, ["logits"])[0]
-    assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 0.08
+    (ref,) = run_ort(before, feeds, ["logits"])
+    hidden = min(n.inputs[1].shape[0] for n in quantizable_matmuls(before.graph, None))
+
+    def down(node: ir.Node) -> bool:
+        return node.inputs[1].shape[0] > hidden
+
+    n_down = sum(down(n) for n in quantizable_matmuls(before.graph, produces_graph_output))
+    outs = {}
+    for second in (None, 0.8, 0.3):
+        model = ir.load(canonical_onnx("gqa"))
+        QuantizeActivationsPass(ActivationMode.STATIC, stats, 0.8, skip=produces_graph_output, per_token=down,
+                                per_token_smoothquant_alpha=second)(model)
+        check_full(model)
+        assert sum(n.op_type == "ReduceMax" for n in model.graph) == n_down
+        (outs[second],) = run_ort(model, feeds, ["logits"])
+        assert np.linalg.norm(outs[second] - ref) / np.linalg.norm(ref) < 0.08
+    np.testing.assert_array_equal(outs[None], outs[0.8])
+    assert not np.array_equal(outs[None], outs[0.3])
+    with pytest.raises(ValueError, match="per_token_smoothquant_alpha"):
+        QuantizeActivationsPass(ActivationMode.STATIC, stats, 0.8, per_token_smoothquant_alpha=0.4)
 
 
 # ------------------------------------------------------------------ graph diff on tiny decoders

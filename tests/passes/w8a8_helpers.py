@@ -82,20 +82,3 @@ def activation_absmax(model: ir.Model, feeds_list: list[dict[str, np.ndarray]]) 
             a = np.abs(arr.reshape(-1, arr.shape[-1])).max(axis=0)
             stats[name] = np.maximum(stats[name], a) if name in stats else a
     return stats
-
-
-def activation_histograms(model: ir.Model, feeds_list: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
-    """Per-channel |x| histograms (abs_log2_histogram) of every constant-weight MatMul's activation input."""
-    from twophase.passes.quantize_activations import abs_log2_histogram
-
-    m = model.clone()
-    names = sorted({n.inputs[0].name for n in m.graph if weight_of(n) is not None})
-    values = {v.name: v for n in m.graph for v in n.inputs if v is not None and v.name in names}
-    for name in names:
-        m.graph.outputs.append(values[name])
-    hists: dict[str, np.ndarray] = {}
-    for feeds in feeds_list:
-        for name, arr in zip(names, run_ort(m, feeds, names)):
-            h = abs_log2_histogram(arr)
-            hists[name] = hists[name] + h if name in hists else h
-    return hists

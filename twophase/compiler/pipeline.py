@@ -78,6 +78,7 @@ class Calibration:
         )
         self._stats = None
         self.seconds = 0.0
+        self.codes: dict = {}  # (weight name, format) -> QuantizedWeight, shared by the phases
 
     def stats(self) -> dict:
         """{weight initializer name: MatMulStats}, from the canonical graph run on calibration text."""
@@ -113,10 +114,19 @@ def _weight_quantizer(po: PhaseOptions, calibration: Calibration):
         from twophase.compiler.calibration import hessians
         from twophase.kernels.gptq import gptq_quantizer
 
-        return gptq_quantizer(
+        key = (po.scheme.weight_bits, po.block_size, po.symmetric)
+        gptq = gptq_quantizer(
             hessians(calibration.stats()), bits=po.scheme.weight_bits, block_size=po.block_size,
             symmetric=po.symmetric,
         )
+
+        def cached(name: str, W_KN):
+            # GPTQ is deterministic and the phases share weights: quantize each weight once per compile
+            if (name, key) not in calibration.codes:
+                calibration.codes[(name, key)] = gptq(name, W_KN)
+            return calibration.codes[(name, key)]
+
+        return cached
     if po.algorithm is WeightAlgorithm.AWQ:
         raise UnsupportedModelError("algorithm awq is not implemented; use gptq (calibrated) or rtn")
     return None

@@ -66,7 +66,7 @@ log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
 DEFAULT_ACCURACY_LEVEL = 4
-DEFAULT_PER_CHANNEL_BLOCK = 128
+DEFAULT_PER_CHANNEL_BLOCK = 32
 
 _CODE_TYPES = {
     ir.DataType.INT4: (4, True),

@@ -36,7 +36,6 @@ SplitPhasesPass/CleanupPass on the prefill graph, before FuseInt8MatMulPass.
 from __future__ import annotations
 
 import dataclasses
-import enum
 import logging
 from collections.abc import Callable, Mapping
 
@@ -49,28 +48,11 @@ log = logging.getLogger(__name__)
 
 # value name of a MatMul's activation input -> per-input-channel absmax float32 [K]
 ActivationStats = Mapping[str, np.ndarray]
-# value name of a MatMul's activation input -> per-input-channel histogram of |x|, int64 [K, HIST_BINS]
-ActivationHistograms = Mapping[str, np.ndarray]
 MatMulFilter = Callable[[ir.Node], bool]
 
 # Smallest per-token scale: keeps an all-zero row finite (its codes are all 0 anyway).
 SCALE_EPS = 1e-10
 DEFAULT_WEIGHT_BITS = 7
-
-# |x| histograms: log2-spaced bins, HIST_BINS_PER_OCTAVE per power of two, bin b covering
-# [2**(HIST_LOG2_MIN + b / R), 2**(HIST_LOG2_MIN + (b + 1) / R)); smaller values (zeros included)
-# count in bin 0 and larger ones in the last bin.
-HIST_LOG2_MIN = -24
-HIST_LOG2_MAX = 16
-HIST_BINS_PER_OCTAVE = 4
-HIST_BINS = (HIST_LOG2_MAX - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE
-
-
-class StaticRange(enum.Enum):
-    """How a static activation scale's range (the clip value c; scale = c / 127) is chosen."""
-
-    ABSMAX = "absmax"  # the largest calibrated |x|: nothing clipped
-    MSE = "mse"  # the c minimizing the expected squared quantization error over the calibration histogram
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,50 +105,6 @@ def reference_w8a8_matmul(x: np.ndarray, w: Int8Weight, mode: ActivationMode, st
     xd = quantize_symmetric(x2, s).astype(np.float64) * s
     y = xd @ w.dequantize().astype(np.float64)
     return y.reshape(*x.shape[:-1], -1).astype(np.float32)
-
-
-def abs_log2_histogram(x: np.ndarray) -> np.ndarray:
-    """Per-channel histogram of |x| (x [..., K]) on the fixed log2 bins above, int64 [K, HIST_BINS]."""
-    K = x.shape[-1]
-    a = np.abs(np.asarray(x, np.float32).reshape(-1, K))  # (T, K)
-    with np.errstate(divide="ignore"):
-        b = np.floor((np.log2(a) - HIST_LOG2_MIN) * HIST_BINS_PER_OCTAVE)
-    b = np.clip(np.nan_to_num(b, neginf=0.0), 0, HIST_BINS - 1).astype(np.int64)
-    idx = b + (np.arange(K, dtype=np.int64) * HIST_BINS)[None, :]
-    return np.bincount(idx.ravel(), minlength=K * HIST_BINS).reshape(K, HIST_BINS)
-
-
-def hist_bin_centers() -> np.ndarray:
-    """Geometric centre of each histogram bin, float64 [HIST_BINS]."""
-    return 2.0 ** (HIST_LOG2_MIN + (np.arange(HIST_BINS) + 0.5) / HIST_BINS_PER_OCTAVE)
-
-
-def mse_clip(hist_KB: np.ndarray, absmax: float, divisor_K: np.ndarray | None = None, qmax: int = 127,
-             candidates: int = 200) -> float:
-    """The clip c in (0, absmax] minimizing the expected squared error of symmetric quantization
-    with step c / qmax, over values |x| / divisor (each histogram bin taken at its centre):
-
-        err(c) = sum_{v > c} n_v (v - c)**2 + sum_{v <= c} n_v min(v**2, (c / qmax)**2 / 12)
-
-    Candidates: absmax * 2**(-j / 16), j = 0 .. candidates - 1. `divisor_K` (SmoothQuant's f) maps
-    histograms of the unsmoothed activation to the smoothed one."""
-    if absmax <= 0:
-        return 0.0
-    k, b = np.nonzero(hist_KB)
-    n = hist_KB[k, b].astype(np.float64)
-    v = hist_bin_centers()[b]
-    if divisor_K is not None:
-        v = v / np.asarray(divisor_K, np.float64)[k]
-    v = np.minimum(v, absmax)
-    c = absmax * 2.0 ** (-np.arange(candidates) / 16.0)  # (C,)
-    best, best_err = absmax, np.inf
-    for ci in c:
-        step2 = (ci / qmax) ** 2 / 12.0
-        over = v > ci
-        err = np.sum(n[over] * (v[over] - ci) ** 2) + np.sum(n[~over] * np.minimum(v[~over] ** 2, step2))
-        if err < best_err:
-            best, best_err = float(ci), err
-    return best
 
 
 # ---------------------------------------------------------------------------------------------
@@ -232,9 +170,11 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             None: no smoothing.
         skip: MatMuls to leave in float (e.g. `produces_graph_output` for the lm_head).
         weight_bits: 7 (default; saturation-safe on AVX2 u8 x s8 kernels) or 8.
-        static_range: STATIC only: ABSMAX (default) or MSE (clip, needs `histograms`).
-        histograms: per-channel |x| histograms of the same activations as `calibration`
-            (`ActivationHistograms`, unsmoothed); required for `StaticRange.MSE`.
+        per_token: STATIC only: MatMuls whose activation gets dynamic per-token scales anyway
+            (the few whose inputs have token outliers a per-tensor scale cannot cover); a value
+            read by several MatMuls takes the form chosen for its first reader.
+        per_token_smoothquant_alpha: SmoothQuant alpha for the `per_token` MatMuls (default:
+            `smoothquant_alpha`); per-token scales take milder smoothing than per-tensor ones.
     """
 
     def __init__(
@@ -244,16 +184,16 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
         smoothquant_alpha: float | None = None,
         skip: MatMulFilter | None = None,
         weight_bits: int = DEFAULT_WEIGHT_BITS,
-        static_range: StaticRange = StaticRange.ABSMAX,
-        histograms: ActivationHistograms | None = None,
+        per_token: MatMulFilter | None = None,
+        per_token_smoothquant_alpha: float | None = None,
     ) -> None:
         super().__init__()
         if (mode is ActivationMode.STATIC or smoothquant_alpha is not None) and calibration is None:
             raise ValueError("static activation scales and SmoothQuant need calibration statistics")
-        if mode is ActivationMode.STATIC and static_range is StaticRange.MSE and histograms is None:
-            raise ValueError("StaticRange.MSE needs activation histograms (collect_matmul_stats(..., histogram=True))")
-        self.static_range = static_range
-        self.histograms = histograms
+        self.per_token = per_token
+        self.per_token_smoothquant_alpha = per_token_smoothquant_alpha
+        if per_token_smoothquant_alpha is not None and (per_token is None or smoothquant_alpha is None):
+            raise ValueError("per_token_smoothquant_alpha needs per_token and smoothquant_alpha")
         self.mode = mode
         self.calibration = calibration
         self.smoothquant_alpha = smoothquant_alpha
@@ -266,9 +206,17 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
         if self.smoothquant_alpha is not None:
             from twophase.passes.smooth_quant import SmoothQuantPass
 
-            sq = SmoothQuantPass(stats, self.smoothquant_alpha, skip=self.skip)
-            sq(model)
-            stats = sq.smoothed_stats
+            if self.per_token_smoothquant_alpha is None:
+                sq = SmoothQuantPass(stats, self.smoothquant_alpha, skip=self.skip)
+                sq(model)
+                stats = sq.smoothed_stats
+            else:  # two alphas: the static MatMuls first, then the per-token ones
+                skip, per_token = self.skip, self.per_token
+                for alpha, chosen in ((self.smoothquant_alpha, False), (self.per_token_smoothquant_alpha, True)):
+                    sq = SmoothQuantPass(stats, alpha, skip=lambda n, c=chosen: (skip is not None and skip(n))
+                                         or per_token(n) != c)
+                    sq(model)
+                    stats = sq.smoothed_stats
         opset = model.opset_imports.get("", 0)
         if opset < 21:
             raise ValueError(f"QuantizeActivationsPass needs opset >= 21, the model has {opset}")
@@ -276,7 +224,7 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
         cache: dict[int, tuple] = {}  # id(activation value) -> quantized activation parts
         for node in nodes:
             x = node.inputs[0]
-            if self.mode is ActivationMode.STATIC and (stats is None or x.name not in stats):
+            if not self._dynamic(node) and id(x) not in cache and (stats is None or x.name not in stats):
                 log.warning("no calibration statistics for %s (input of %s): left in float", x.name, node.name)
                 continue
             self._rewrite(graph, node, x, stats, cache)
@@ -289,7 +237,7 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
         tape = ir.tape.Tape()
         tag = x.name or node.name
         K = weight_of(node).shape[0]
-        if self.mode is ActivationMode.DYNAMIC:
+        if self._dynamic(node):
             x2 = tape.op("Reshape", [x, _const(graph, f"{tag}_shape_MK", np.array([-1, K], np.int64))],
                          name=f"{tag}_to_MK")
             amax = tape.op("ReduceMax", [tape.op("Abs", [x2]), _const(graph, f"{tag}_axes1", np.array([1], np.int64))],
@@ -305,8 +253,8 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
             prefix = tape.op("Shape", [x], {"end": -1})
             parts = (xd, prefix)
         else:
-            clip = self._static_clip(x, stats)
-            scale = np.array(max(clip / 127.0, SCALE_EPS), np.float32)
+            amax = float(np.max(stats[x.name]))
+            scale = np.array(max(amax / 127.0, SCALE_EPS), np.float32)
             s = _const(graph, f"{tag}_scale", scale)
             zp = _const(graph, f"{tag}_zp", np.array(0, np.int8))
             xq = tape.op("QuantizeLinear", [x, s, zp])
@@ -317,36 +265,8 @@ class QuantizeActivationsPass(ir.passes.InPlacePass):
         graph.insert_before(node, tape.nodes)
         return parts
 
-    def _static_clip(self, x: ir.Value, stats: ActivationStats) -> float:
-        """The range c of x's static scale (c / 127), see `StaticRange`."""
-        amax = float(np.max(stats[x.name]))
-        if self.static_range is StaticRange.ABSMAX:
-            return amax
-        found = self._histogram_of(x, stats)
-        if found is None:
-            log.warning("no histogram for %s: static scale from its absmax", x.name)
-            return amax
-        hist, divisor = found
-        return mse_clip(hist, amax, divisor)
-
-    def _histogram_of(self, x: ir.Value, stats: ActivationStats) -> tuple[np.ndarray, np.ndarray] | None:
-        """x's calibration histogram and the per-channel divisor SmoothQuant applied since (1 if none).
-
-        Smoothing either keeps x's name (folded into its producer) or reads x through a new
-        Mul(x0, 1 / f); the divisor is the ratio of the unsmoothed to the smoothed absmax."""
-        assert self.histograms is not None and self.calibration is not None
-        source = x
-        if x.name not in self.histograms:
-            p = x.producer()
-            if p is None or p.op_type != "Mul" or p.inputs[0] is None or p.inputs[0].name not in self.histograms:
-                return None
-            source = p.inputs[0]
-        a0 = np.asarray(self.calibration[source.name], np.float64)
-        a1 = np.asarray(stats[x.name], np.float64)
-        ok = (a0 > 0) & (a1 > 0)
-        divisor = np.ones_like(a0)
-        divisor[ok] = a0[ok] / a1[ok]
-        return self.histograms[source.name], divisor
+    def _dynamic(self, node: ir.Node) -> bool:
+        return self.mode is ActivationMode.DYNAMIC or (self.per_token is not None and self.per_token(node))
 
     def _rewrite(self, graph: ir.Graph, node: ir.Node, x: ir.Value, stats: ActivationStats | None, cache: dict) -> None:
         key = id(x)
