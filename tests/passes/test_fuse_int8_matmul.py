@@ -23,6 +23,7 @@ from twophase.compiler.options import ActivationMode
 from twophase.passes.fuse_int8_matmul import AVX2_SAFE_WEIGHT_CODE, FuseInt8MatMulPass
 from twophase.passes.quantize_activations import (
     QuantizeActivationsPass,
+    input_wider_than,
     produces_graph_output,
     quantizable_matmuls,
 )
@@ -121,10 +122,7 @@ def test_static_with_per_token_outlier_matmuls_fused(canonical_onnx):
     base = ir.load(canonical_onnx("gqa"))
     stats = activation_absmax(base, [canonical_feeds(base, seed=s) for s in (1, 2)])
     hidden = min(n.inputs[1].shape[0] for n in quantizable_matmuls(base.graph, None))
-
-    def down(node: ir.Node) -> bool:
-        return node.inputs[1].shape[0] > hidden
-
+    down = input_wider_than(hidden)  # the MLP down projections
     n_down = sum(down(n) for n in quantizable_matmuls(base.graph, produces_graph_output))
     assert n_down > 0
     model = ir.load(canonical_onnx("gqa"))

@@ -21,6 +21,7 @@ from twophase.compiler.graph_diff import diff_models
 from twophase.compiler.options import ActivationMode
 from twophase.passes.quantize_activations import (
     QuantizeActivationsPass,
+    input_wider_than,
     per_token_scale,
     produces_graph_output,
     quantizable_matmuls,
@@ -83,10 +84,7 @@ def test_per_token_matmuls_with_their_own_smoothquant_alpha(canonical_onnx):
     feeds = canonical_feeds(before, seed=3)
     (ref,) = run_ort(before, feeds, ["logits"])
     hidden = min(n.inputs[1].shape[0] for n in quantizable_matmuls(before.graph, None))
-
-    def down(node: ir.Node) -> bool:
-        return node.inputs[1].shape[0] > hidden
-
+    down = input_wider_than(hidden)  # the MLP down projections
     n_down = sum(down(n) for n in quantizable_matmuls(before.graph, produces_graph_output))
     outs = {}
     for second in (None, 0.8, 0.3):
