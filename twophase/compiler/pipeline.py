@@ -30,6 +30,7 @@ import onnx_ir as ir
 
 from twophase.compiler.errors import UnsupportedModelError
 from twophase.compiler.graph_diff import diff_models
+from twophase.compiler.manifest import ModelFacts
 from twophase.compiler.options import (
     ActivationMode,
     CompileOptions,
@@ -132,23 +133,45 @@ def _weight_quantizer(po: PhaseOptions, calibration: Calibration):
     return None
 
 
+def _activation_pass(po: PhaseOptions, calibration: Calibration, model: ir.Model) -> ir.passes.PassBase:
+    """w8a8's activation quantization. Static mode keeps per-token scales for the MatMuls whose input is
+    wider than the hidden size (the MLP down projections: their inputs have rare outliers up to ~1e4 times
+    the mean, which no single per-tensor scale serves), with their own SmoothQuant alpha."""
+    from twophase.compiler.calibration import weighted_matmuls
+    from twophase.compiler.defaults import PER_TOKEN_SMOOTHQUANT_ALPHA
+    from twophase.passes.quantize_activations import (
+        QuantizeActivationsPass,
+        input_wider_than,
+        produces_graph_output,
+    )
+
+    static = po.activations is ActivationMode.STATIC
+    needs_stats = static or po.smoothquant_alpha is not None
+    kwargs = {}
+    if static:
+        hidden = ModelFacts.from_metadata(dict(model.metadata_props)).hidden_size
+        if hidden is None:
+            hidden = min(n.inputs[1].shape[0] for n in weighted_matmuls(model.graph))
+        kwargs = {"per_token": input_wider_than(hidden)}
+        if po.smoothquant_alpha is not None:
+            kwargs["per_token_smoothquant_alpha"] = PER_TOKEN_SMOOTHQUANT_ALPHA
+    return QuantizeActivationsPass(
+        po.activations,
+        calibration.activation_absmax(model) if needs_stats else None,
+        po.smoothquant_alpha,
+        skip=produces_graph_output,
+        **kwargs,
+    )
+
+
 def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     po = options.phase(phase)
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
     if po.scheme is QuantScheme.W8A8:
         from twophase.passes.fuse_int8_matmul import FuseInt8MatMulPass
-        from twophase.passes.quantize_activations import QuantizeActivationsPass, produces_graph_output
 
-        needs_stats = po.activations is ActivationMode.STATIC or po.smoothquant_alpha is not None
         # The lm_head runs on one position in prefill (a GEMV): it is left to the weight-only step below.
-        steps.append(
-            lambda m: QuantizeActivationsPass(
-                po.activations,
-                calibration.activation_absmax(m) if needs_stats else None,
-                po.smoothquant_alpha,
-                skip=produces_graph_output,
-            )
-        )
+        steps.append(lambda m: _activation_pass(po, calibration, m))
         steps.append(FuseInt8MatMulPass())
     # Weight-only quantization: the phase's own scheme, or, for the MatMuls w8a8 left in float (the
     # lm_head) and the embedding, the decode phase's weight format, so both phases share those weights.
