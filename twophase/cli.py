@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefill", default=None, help="prefill scheme: fp32, w8a16, w4a16, w8a8[-dynamic|-static]")
     p.add_argument("--decode", default=None, help="decode scheme: fp32, w8a16, w4a16, w8a8[-dynamic|-static]")
     q = p.add_argument_group("quantization (applies to every phase whose scheme uses it)")
-    q.add_argument("--algorithm", default=None, help="weight codes: rtn, gptq, awq, gguf (keep a GGUF source's grid)")
+    q.add_argument("--algorithm", default=None, help="weight codes: rtn, gptq (calibrated), gguf (keep a GGUF source's grid)")
     q.add_argument("--block-size", type=int, default=32, help="int4 block along the reduction axis (16..256)")
     q.add_argument("--asym", action="store_true", help="int4 with zero points (uint4) instead of symmetric int4")
     q.add_argument("--activations", default=None, help="w8a8 activation scales: dynamic (per token) or static")

@@ -261,7 +261,7 @@ def test_quantizer_hook(decode_graph, tmp_path: Path):
     assert p.encoded["val_83"].source == "quantizer" and p.encoded["val_83"].weight.block_size == 16
     assert p.encoded["val_90"].source == "rtn"
     with pytest.raises(ValueError, match="quantizer"):
-        QuantizeWeightsPass(bits=4, algorithm=WeightAlgorithm.AWQ)
+        QuantizeWeightsPass(bits=4, algorithm=WeightAlgorithm.GPTQ)
 
     def bad_hook(name: str, W_KN: np.ndarray) -> QuantizedWeight:
         return quantize_rtn(W_KN[:16], 4, 16, True)

@@ -29,7 +29,6 @@ class WeightAlgorithm(enum.Enum):
 
     RTN = "rtn"  # round to nearest
     GPTQ = "gptq"  # error-compensating rounding with calibration Hessians
-    AWQ = "awq"  # activation-aware per-channel scaling, then RTN
     GGUF = "gguf"  # keep a GGUF source's own grid exactly (Q4_0, Q4_1, Q8_0); RTN where there is none
 
 

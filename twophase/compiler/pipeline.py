@@ -128,8 +128,6 @@ def _weight_quantizer(po: PhaseOptions, calibration: Calibration):
             return calibration.codes[(name, key)]
 
         return cached
-    if po.algorithm is WeightAlgorithm.AWQ:
-        raise UnsupportedModelError("algorithm awq is not implemented; use gptq (calibrated) or rtn")
     return None
 
 

@@ -23,7 +23,7 @@ ONNX Runtime) can turn each pair into one quantized kernel:
 
 Codes come from, per weight: the GGUF grid the weight already sits on (algorithm GGUF: Q4_0 / Q4_1 /
 Q8_0 recovered exactly from the float values, any bit width, rebuilt bit for bit; RTN where none
-is found), a `quantizer` hook (GPTQ / AWQ: name, W[K, N] -> QuantizedWeight, None = use RTN), or
+is found), a `quantizer` hook (GPTQ: name, W[K, N] -> QuantizedWeight, None = use RTN), or
 round to nearest (kernels/quant.py has the grids). Initializer names derive from the weight's name
 and the codes are deterministic, so prefill and decode graphs quantized alike share their bytes.
 
@@ -101,7 +101,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         bits: 4 or 8 (round-to-nearest codes; GGUF grids keep their own width).
         block_size: rows of K per block; None = one scale per output channel.
         symmetric: signed codes without zero points; False: unsigned codes with integer zero points.
-        algorithm: RTN, or GGUF (keep each weight's exact GGUF grid, RTN where it has none). GPTQ / AWQ
+        algorithm: RTN, or GGUF (keep each weight's exact GGUF grid, RTN where it has none). GPTQ
             need `quantizer`.
         quantizer: (initializer name, W[K, N] float32) -> QuantizedWeight for MatMul weights (None: RTN).
         include_lm_head: quantize the MatMul producing `logits` too.
@@ -131,7 +131,7 @@ class QuantizeWeightsPass(ir.passes.InPlacePass):
         self.quantizer = quantizer
         self.include_lm_head = include_lm_head
         self.include_embedding = include_embedding
-        if self.algorithm in (WeightAlgorithm.GPTQ, WeightAlgorithm.AWQ) and quantizer is None:
+        if self.algorithm is WeightAlgorithm.GPTQ and quantizer is None:
             raise ValueError(f"algorithm {self.algorithm.value} needs a quantizer (calibrated codes per weight)")
         # Filled by call(): initializer name -> how it was encoded.
         self.encoded: dict[str, EncodedWeight] = {}
