@@ -34,10 +34,10 @@ ROWS = {
     ),
     "w8a8-static-sq": (
         CompileOptions(
-            prefill=PhaseOptions(QuantScheme.W8A8, activations=ActivationMode.STATIC, smoothquant_alpha=0.9),
+            prefill=PhaseOptions(QuantScheme.W8A8, activations=ActivationMode.STATIC, smoothquant_alpha=0.8),
             decode=FP32,
         ),
-        "prefill", "w8a8 static per-tensor (SmoothQuant 0.9; down_proj per-token, SmoothQuant 0.4)",
+        "prefill", "w8a8 static per-tensor (SmoothQuant 0.8; down_proj per-token, SmoothQuant 0.4)",
     ),
     "w4a16-rtn": (
         CompileOptions(prefill=FP32, decode=PhaseOptions(QuantScheme.W4A16)),

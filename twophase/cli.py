@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--asym", action="store_true", help="int4 with zero points (uint4) instead of symmetric int4")
     q.add_argument("--activations", default=None, help="w8a8 activation scales: dynamic (per token) or static")
     q.add_argument("--smoothquant", default=None, metavar="ALPHA|off",
-                   help="w8a8 SmoothQuant alpha in [0, 1] (default: 0.4 dynamic, 0.9 static), or off")
+                   help="w8a8 SmoothQuant alpha in [0, 1] (default: 0.4 dynamic, 0.8 static), or off")
     q.add_argument("--accuracy-level", type=int, default=4,
                    help="ORT MatMulNBits accuracy_level (1 fp32 compute, 4 int8 activations; default 4)")
     q.add_argument("--calibration-windows", type=int, default=16, help="512-token calibration windows")
