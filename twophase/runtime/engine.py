@@ -159,7 +159,8 @@ class Engine:
         """
         t_start = time.perf_counter()
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+                                repetition_penalty=repetition_penalty,
+                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
         ids = self._check_request(prompt_ids, max_new_tokens)
         return self._token_loop(ids, params, max_new_tokens, t_start)
 
@@ -261,7 +262,8 @@ class Engine:
         if not all(isinstance(s, str) and s for s in stops):
             raise SamplingParamsError(f"stop strings must be non-empty strings, got {stops!r}")
         params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty, stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+                                repetition_penalty=repetition_penalty,
+                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
         ids = self._check_request(self._prompt_ids(prompt, chat), max_new_tokens)
         tokens = self._token_loop(ids, params, max_new_tokens, t_start)
         pieces = self._text_stream(tokens, stops)
