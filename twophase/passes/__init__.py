@@ -1,7 +1,12 @@
 """Graph-to-graph rewrites on onnx_ir, one pass per file (see each file's docstring).
 
-    CleanupPass        cleanup.py        fold constants, drop dead code, infer shapes, sort
-    SplitPhasesPass    split_phases.py   canonical graph -> prefill graph | decode graph
+    CleanupPass              cleanup.py               fold constants, drop dead code, infer shapes, sort
+    SplitPhasesPass          split_phases.py          canonical graph -> prefill graph | decode graph
+    QuantizeWeightsPass      quantize_weights.py      DequantizeLinear on MatMul weights and the embedding
+    SmoothQuantPass          smooth_quant.py          move activation outliers into the weights (w8a8)
+    QuantizeActivationsPass  quantize_activations.py  w8a8 QDQ: int8 weights, per-token / static activations
+    FuseDequantMatMulPass    fuse_dequant_matmul.py   ORT: DQ+MatMul -> MatMulNBits, DQ+Gather -> GatherBlockQuantized
+    FuseInt8MatMulPass       fuse_int8_matmul.py      ORT: w8a8 QDQ -> MatMulIntegerToFloat
 
 Names are imported lazily so that importing one pass does not import every other.
 """
@@ -14,6 +19,11 @@ from typing import Any
 _LAZY = {
     "CleanupPass": "twophase.passes.cleanup",
     "SplitPhasesPass": "twophase.passes.split_phases",
+    "QuantizeWeightsPass": "twophase.passes.quantize_weights",
+    "SmoothQuantPass": "twophase.passes.smooth_quant",
+    "QuantizeActivationsPass": "twophase.passes.quantize_activations",
+    "FuseDequantMatMulPass": "twophase.passes.fuse_dequant_matmul",
+    "FuseInt8MatMulPass": "twophase.passes.fuse_int8_matmul",
 }
 
 __all__ = sorted(_LAZY)
