@@ -135,11 +135,6 @@ class OrtPhase:
         outs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs))
 
-    def run_list(self, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        """Run the graph; returns the outputs in `output_names` order (no dict built)."""
-        self.calls += 1
-        return self.session.run(self.output_names, feeds)
-
 
 def check_signature(session: ort.InferenceSession, entry: PhaseEntry, name: str) -> None:
     """The session's inputs and outputs match the manifest's (names, dtypes, ranks, static dims)."""
