@@ -8,21 +8,13 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 from conftest import ALL_TINY
 from onnx import TensorProto, helper, numpy_helper
 
+from passes.ort_helpers import checked_session
 from twophase.compiler.graph_diff import diff_models, op_histogram
 from twophase.passes.cleanup import CleanupPass
-
-
-def _session(model: ir.Model, path: Path) -> ort.InferenceSession:
-    ir.save(model, path, external_data=path.name + ".data")
-    onnx.checker.check_model(str(path), full_check=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _wasteful_model(tmp_path: Path) -> Path:
@@ -87,8 +79,8 @@ def test_cleanup_folds_and_removes_dead_code_without_loading_large_weights(tmp_p
     assert all(o.shape is not None for n in model.graph for o in n.outputs)
 
     x = np.random.default_rng(1).standard_normal((3, 128)).astype(np.float32)
-    ref = _session(ir.load(path), tmp_path / "ref.onnx").run(None, {"x": x})[0]
-    out = _session(model, tmp_path / "clean.onnx").run(None, {"x": x})[0]
+    ref = checked_session(ir.load(path), tmp_path / "ref.onnx").run(None, {"x": x})[0]
+    out = checked_session(model, tmp_path / "clean.onnx").run(None, {"x": x})[0]
     np.testing.assert_allclose(out, ref, rtol=0, atol=1e-5)
 
 
@@ -114,8 +106,8 @@ def test_cleanup_on_canonical_graph(canonical_onnx, tmp_path: Path, name: str):
     assert not d.initializers_added and not d.initializers_changed
 
     feeds = _canonical_feeds(before, batch=2, seq=5, past=3)
-    ref = _session(before, tmp_path / "ref.onnx").run(None, feeds)
-    out = _session(model, tmp_path / "clean.onnx").run(None, feeds)
+    ref = checked_session(before, tmp_path / "ref.onnx").run(None, feeds)
+    out = checked_session(model, tmp_path / "clean.onnx").run(None, feeds)
     for a, b in zip(out, ref):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
 

@@ -8,14 +8,13 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 import torch
 from conftest import ALL_TINY
 from onnx import TensorProto, helper, numpy_helper
 
+from passes.ort_helpers import checked_session
 from twophase.compiler.errors import PassError
 from twophase.compiler.graph_diff import diff_models, op_histogram
 from twophase.compiler.manifest import FACTS_METADATA_KEY, ModelFacts
@@ -26,14 +25,6 @@ BATCH, PROMPT = 2, 6
 
 
 # -- helpers ----------------------------------------------------------------------------------
-
-
-def _session(model: ir.Model, path: Path) -> ort.InferenceSession:
-    ir.save(model, path, external_data=path.name + ".data")
-    onnx.checker.check_model(str(path), full_check=True)
-    so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
 def _past_names(model: ir.Model) -> list[str]:
@@ -81,7 +72,7 @@ def phases(canonical_onnx, tmp_path_factory):
             decode = SplitPhasesPass(Phase.DECODE)(canonical).model
             d = tmp_path_factory.mktemp(f"phases-{name}")
             sessions = tuple(
-                _session(m, d / f"{tag}.onnx")
+                checked_session(m, d / f"{tag}.onnx")
                 for m, tag in ((canonical, "canonical"), (prefill, "prefill"), (decode, "decode"))
             )
             cache[name] = (canonical, prefill, decode, *sessions)
@@ -242,8 +233,8 @@ def test_prefill_slices_logits_when_lm_head_is_hidden(canonical_onnx, tmp_path: 
     assert diff_models(canonical, prefill).op_delta["Slice"] == 1
 
     prompt = _prompt(97)
-    ref = _session(canonical, tmp_path / "c.onnx").run(["logits"], {**prompt, **_empty_past(canonical)})[0]
-    out = _session(prefill, tmp_path / "p.onnx").run(["logits"], prompt)[0]
+    ref = checked_session(canonical, tmp_path / "c.onnx").run(["logits"], {**prompt, **_empty_past(canonical)})[0]
+    out = checked_session(prefill, tmp_path / "p.onnx").run(["logits"], prompt)[0]
     np.testing.assert_allclose(out, ref[:, -1:], rtol=0, atol=1e-4)
 
 
@@ -319,8 +310,8 @@ def test_prefill_materializes_an_empty_past_for_other_consumers(canonical_onnx, 
     assert hist["ConstantOfShape"] == 0 and hist["Identity"] == 0
 
     prompt = _prompt(97)
-    ref = _session(canonical, tmp_path / "c.onnx").run(None, {**prompt, **_empty_past(canonical)})
-    out = _session(prefill, tmp_path / "p.onnx").run(None, prompt)
+    ref = checked_session(canonical, tmp_path / "c.onnx").run(None, {**prompt, **_empty_past(canonical)})
+    out = checked_session(prefill, tmp_path / "p.onnx").run(None, prompt)
     np.testing.assert_allclose(out[0], ref[0][:, -1:], rtol=0, atol=1e-4)
     for a, b in zip(out[1:], ref[1:]):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-4)
