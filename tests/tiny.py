@@ -9,15 +9,19 @@ TINY_CONFIGS = {
     "gqa": dict(hidden_size=48, intermediate_size=80, num_hidden_layers=2, num_attention_heads=6, num_key_value_heads=2),
     "mha": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4),
     "odd": dict(hidden_size=42, intermediate_size=70, num_hidden_layers=3, num_attention_heads=3, num_key_value_heads=1),
+    # head_dim 16: ORT's GroupQueryAttention (the bound KV cache) needs a multiple of 16; the configs
+    # above (head_dim 8 and 14) compile to the "grow" binding.
+    "gqa16": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+    "mha16": dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2),
 }
 
 
-def tiny_llama(name: str = "gqa", vocab_size: int = 97, seed: int = 0, tie: bool = True):
+def tiny_llama(name: str = "gqa", vocab_size: int = 97, seed: int = 0, tie: bool = True, max_positions: int = 128):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
         vocab_size=vocab_size,
-        max_position_embeddings=128,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=tie,
         bos_token_id=1,
         eos_token_id=2,

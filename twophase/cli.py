@@ -52,6 +52,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="ort", help="lowering backend (ort)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--max-len", type=int, default=None, help="longest prompt+generation accepted (default: the model's)")
+    k = p.add_argument_group("KV cache")
+    k.add_argument("--kv-cache", default="auto",
+                   help="bound (preallocated buffers updated in place), grow (past in, present out), or auto "
+                        "(bound where the attention matches, default)")
+    k.add_argument("--kv-dtype", default="float32", help="float32, or int8 (bound only; scales calibrated on text)")
+    k.add_argument("--no-fusions", action="store_true",
+                   help="skip the ORT fusions (SkipSimplifiedLayerNormalization, packed q/k/v and gate/up)")
+    k.add_argument("--prefill-chunk", type=int, default=512, help="bound: longest prompt step in tokens (default 512)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
 
     p = sub.add_parser("run", help="generate text with a compiled artifact")
@@ -104,6 +112,8 @@ def _parse_compile_options(args: argparse.Namespace):
         Backend,
         CompileOptions,
         Device,
+        KVBinding,
+        KVDtype,
         PhaseOptions,
         QuantScheme,
         WeightAlgorithm,
@@ -111,6 +121,8 @@ def _parse_compile_options(args: argparse.Namespace):
 
     if args.max_len is not None and args.max_len < 2:
         raise TwophaseError(f"--max-len must be at least 2, got {args.max_len}")
+    if args.prefill_chunk < 1:
+        raise TwophaseError(f"--prefill-chunk must be at least 1, got {args.prefill_chunk}")
     if args.calibration_windows < 1:
         raise TwophaseError(f"--calibration-windows must be at least 1, got {args.calibration_windows}")
 
@@ -148,6 +160,10 @@ def _parse_compile_options(args: argparse.Namespace):
         prefill=phase_options(args.prefill, "--prefill", prefill_default),
         decode=phase_options(args.decode, "--decode", decode_default),
         max_len=args.max_len,
+        kv_binding=_enum_value(KVBinding, args.kv_cache, "--kv-cache"),
+        kv_dtype=_enum_value(KVDtype, args.kv_dtype, "--kv-dtype"),
+        prefill_chunk=args.prefill_chunk,
+        fusions=not args.no_fusions,
         calibration_windows=args.calibration_windows,
     )
 

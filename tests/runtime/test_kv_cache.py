@@ -7,7 +7,7 @@ import pytest
 
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
 from twophase.compiler.manifest import ModelFacts
-from twophase.runtime.kv_cache import KVCache, make_kv_cache
+from twophase.runtime.kv_cache import BoundKVCache, KVCache, make_kv_cache
 
 L, H, D = 2, 3, 4
 
@@ -98,5 +98,6 @@ def test_make_kv_cache_from_facts():
     facts = ModelFacts("llama", num_layers=L, num_kv_heads=H, head_dim=D, vocab_size=10, max_position_embeddings=32)
     cache = make_kv_cache("grow", facts, max_len=32)
     assert isinstance(cache, KVCache) and cache.max_len == 32 and cache.num_layers == L
-    with pytest.raises(ArtifactError, match="bound"):
-        make_kv_cache("bound", facts, max_len=32)
+    assert isinstance(make_kv_cache("bound", facts, max_len=32), BoundKVCache)
+    with pytest.raises(ArtifactError, match="paged"):
+        make_kv_cache("paged", facts, max_len=32)

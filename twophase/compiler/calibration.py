@@ -240,3 +240,24 @@ def hessians(stats: Mapping[str, MatMulStats]) -> dict[str, np.ndarray]:
             f"no Hessians collected (for {missing[:3]}...): call collect_matmul_stats(..., hessian=True)"
         )
     return {k: s.hessian_KK for k, s in stats.items()}  # type: ignore[misc]
+
+
+def collect_kv_absmax(
+    model: ir.Model, windows: Sequence[np.ndarray] | np.ndarray, *, threads: int | None = 2
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """{layer: (key absmax, value absmax)}, each float32 [kv_heads, head_dim], of the `present.{i}.key|value`
+    outputs (keys after the rotary embedding) of `model` run on `windows`: the int8 KV cache's scales."""
+    if len(windows) == 0:
+        raise TwophaseError("calibration needs at least one window of token ids")
+    facts = ModelFacts.from_metadata(dict(model.metadata_props)) if FACTS_METADATA_KEY in model.metadata_props else None
+    names = [v.name for v in model.graph.outputs if v.name and v.name.startswith("present.")]
+    if not names:
+        raise TwophaseError("the graph has no present.{i}.key|value outputs to calibrate a KV cache on")
+    sess = _session(model, threads)
+    absmax: dict[str, np.ndarray] = {}
+    for window in windows:
+        for name, x in zip(names, sess.run(names, _feeds(model.graph, window, facts))):
+            m = np.abs(x).max(axis=(0, 2))  # (B, H, T, D) -> (H, D)
+            absmax[name] = m if name not in absmax else np.maximum(absmax[name], m)
+    layers = sorted({int(n.split(".")[1]) for n in names})
+    return {i: (absmax[f"present.{i}.key"], absmax[f"present.{i}.value"]) for i in layers}

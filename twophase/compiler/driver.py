@@ -13,7 +13,7 @@ from pathlib import Path
 from twophase.compiler.artifact import hash_files, staging_dir, write_json
 from twophase.compiler.errors import UnsupportedModelError
 from twophase.compiler.manifest import MANIFEST_FILE, Manifest, PhaseEntry
-from twophase.compiler.options import Backend, CompileOptions, Phase
+from twophase.compiler.options import Backend, CompileOptions, KVBinding, KVDtype, Phase
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,7 @@ def compile_model(
             f"max_len {max_len} exceeds the model's max_position_embeddings {facts.max_position_embeddings}"
         )
 
+    options = dataclasses.replace(options, max_len=max_len, kv_binding=resolve_kv_binding(canonical.model, options))
     phase_models = {}
     records = []
     calibration = Calibration(canonical.model, canonical.tokenizer_json, options)
@@ -114,7 +115,7 @@ def compile_model(
         manifest = Manifest(
             model=facts,
             phases=phases,
-            kv_cache={"layout": "BHTD", "dtype": facts.dtype, "binding": "grow", "max_len": max_len},
+            kv_cache=kv_cache_entry(options, facts.dtype),
             tokenizer=tokenizer_entry,
             generation=generation,
             compile_options=options.to_dict(),
@@ -125,3 +126,35 @@ def compile_model(
         (tmp / MANIFEST_FILE).write_text(manifest.to_json())
     log.info("compiled %s into %s in %.1fs", canonical.source.get("name"), out_dir, time.perf_counter() - t0)
     return out_dir
+
+
+def resolve_kv_binding(canonical, options: CompileOptions) -> KVBinding:
+    """AUTO -> BOUND when BindKVCachePass matches every layer of the canonical graph, else GROW (logged).
+
+    An explicit BOUND that cannot be honored, or an int8 cache without a bound binding, is an error.
+    """
+    from twophase.passes.bind_kv_cache import BindKVCacheError, match_layers
+
+    if options.kv_binding is KVBinding.GROW:
+        if options.kv_dtype is not KVDtype.FLOAT32:
+            raise UnsupportedModelError("an int8 KV cache needs the bound binding (--kv-cache bound)")
+        return KVBinding.GROW
+    try:
+        match_layers(canonical.graph)
+    except BindKVCacheError as e:
+        if options.kv_binding is KVBinding.BOUND or options.kv_dtype is not KVDtype.FLOAT32:
+            raise UnsupportedModelError(f"cannot bind the KV cache of this model: {e}") from e
+        log.warning("KV cache: using the 'grow' binding (%s)", e)
+        return KVBinding.GROW
+    return KVBinding.BOUND
+
+
+def kv_cache_entry(options: CompileOptions, dtype: str) -> dict:
+    """The manifest's kv_cache section."""
+    entry = {"layout": "BHTD", "binding": options.kv_binding.value, "max_len": options.max_len}
+    if options.kv_binding is KVBinding.BOUND:
+        entry["dtype"] = options.kv_dtype.value
+        entry["prefill_chunk"] = options.prefill_chunk
+    else:
+        entry["dtype"] = dtype
+    return entry

@@ -50,8 +50,8 @@ from twophase.compiler import corpus
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
 from twophase.compiler.manifest import Manifest
 from twophase.runtime.artifact import load_manifest, max_context, resolve, tokenizer_paths
-from twophase.runtime.backend_ort import GraphOptLevel, OrtPhase, session_options
-from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX
+from twophase.runtime.backend_ort import BoundDecodeStep, GraphOptLevel, OrtPhase, session_options
+from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, BoundKVCache
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +170,23 @@ def _find_last_position_slice(graph: ir.Graph) -> ir.Node:
     )
 
 
+def _find_last_valid_gather(graph: ir.Graph) -> ir.Node | None:
+    """The GatherND(hidden, query_seqlens - 1) of a bound prefill graph (BindKVCachePass), if any.
+
+    Returned as the node whose input 0 is the full hidden state and output 0 the last-token one:
+    bypassing it (via the Unsqueeze after it) yields every position's logits."""
+    unsqueeze = next((n for n in graph if n.name == "twophase_last_valid_hidden"), None)
+    if unsqueeze is None:
+        return None
+    gather = unsqueeze.inputs[0].producer() if unsqueeze.inputs[0] is not None else None
+    if gather is None or gather.op_type != "GatherND":
+        raise ArtifactError("the bound prefill graph's last-token gather is not GatherND; recompile the artifact")
+    # Rewire: Unsqueeze(GatherND(h, i)) -> h, by making the Unsqueeze the node to bypass with input h.
+    unsqueeze.replace_input_with(0, gather.inputs[0])
+    graph.remove(gather, safe=True)
+    return unsqueeze
+
+
 def full_logits_model(prefill_path: str | Path) -> ir.Model:
     """The prefill graph at `prefill_path` with its last-position Slice bypassed: logits [B, S, V].
 
@@ -177,7 +194,7 @@ def full_logits_model(prefill_path: str | Path) -> ir.Model:
     """
     model = ir.load(str(prefill_path))
     graph = model.graph
-    node = _find_last_position_slice(graph)
+    node = _find_last_valid_gather(graph) or _find_last_position_slice(graph)
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None
     was_output = y.is_graph_output()
@@ -248,19 +265,34 @@ def _kl(ref_lp: np.ndarray, lp: np.ndarray) -> np.ndarray:
     return np.sum(np.exp(ref_lp) * (ref_lp - lp), axis=-1, dtype=np.float64)
 
 
-def _prefill_feeds(window_1L: np.ndarray) -> dict[str, np.ndarray]:
+def _prefill_feeds(sess: ort.InferenceSession, window_1L: np.ndarray) -> dict[str, np.ndarray]:
+    """One whole window from an empty cache, for either binding's prefill signature."""
     L = window_1L.shape[1]
-    return {
+    names = {i.name: i for i in sess.get_inputs()}
+    if "query_seqlens" not in names:
+        return {
+            "input_ids": window_1L,
+            "attention_mask": np.ones_like(window_1L),
+            "position_ids": np.arange(L, dtype=np.int64)[None],
+        }
+    feeds = {
         "input_ids": window_1L,
-        "attention_mask": np.ones_like(window_1L),
-        "position_ids": np.arange(L, dtype=np.int64)[None],
+        "seqlens_k": np.array([L - 1], dtype=np.int32),
+        "total_sequence_length": np.array(L, dtype=np.int32),
+        "query_seqlens": np.array([L], dtype=np.int32),
     }
+    for name, arg in names.items():
+        if name.startswith(PAST_PREFIX):
+            _, heads, _, head_dim = arg.shape
+            dtype = np.int8 if arg.type == "tensor(int8)" else np.float32
+            feeds[name] = np.zeros((1, heads, L, head_dim), dtype=dtype)  # the bound buffers, empty
+    return feeds
 
 
 def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator[np.ndarray]:
     """Log-probs [L, V] of each window in turn (a generator keeps one window's logits in memory)."""
     for w in windows_WL:
-        (logits,) = sess.run(["logits"], _prefill_feeds(w[None]))  # (1, L, V)
+        (logits,) = sess.run(["logits"], _prefill_feeds(sess, w[None]))  # (1, L, V)
         yield _log_softmax(logits[0, :-1])  # (L-1, V): the predicting positions
 
 
@@ -270,6 +302,8 @@ def _decode_scores(
     """Teacher-forced decode from an empty cache over a batch of windows; (scores, KL [B, L-1] or None)."""
     facts = manifest.model
     B, L = windows_BL.shape
+    if manifest.kv_cache["binding"] == "bound":
+        return _decode_scores_bound(phase, manifest, windows_BL, ref_lp)
     dtype = np.dtype(manifest.kv_cache["dtype"])
     past_names = facts.kv_names(PAST_PREFIX)
     present_names = facts.kv_names(PRESENT_PREFIX)
@@ -285,6 +319,27 @@ def _decode_scores(
         feeds["position_ids"] = np.full((B, 1), t, dtype=np.int64)
         logits, *past = phase.session.run(outputs, feeds)
         lp = _log_softmax(logits[:, -1])  # (B, V)
+        nll[:, t], argmax[:, t] = _score(lp, windows_BL[:, t + 1])
+        if kl is not None:
+            kl[:, t] = _kl(ref_lp[:, t], lp)
+    return _Scores(nll, argmax), kl
+
+
+def _decode_scores_bound(
+    phase: OrtPhase, manifest: Manifest, windows_BL: np.ndarray, ref_lp: np.ndarray | None
+) -> tuple[_Scores, np.ndarray | None]:
+    """_decode_scores for a bound-KV decode graph: the runtime's own cache and decode step."""
+    B, L = windows_BL.shape
+    cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
+    cache.allocate(B, L)
+    step = BoundDecodeStep(phase, cache, manifest.model.vocab_size)
+    ones = np.ones(B, dtype=np.int64)
+    nll = np.empty((B, L - 1))
+    argmax = np.empty((B, L - 1), dtype=np.int32)
+    kl = None if ref_lp is None else np.empty((B, L - 1))
+    for t in range(L - 1):
+        lp = _log_softmax(step.run(windows_BL[:, t], cache.lengths + 1, ones))  # (B, V)
+        cache.advance(ones)
         nll[:, t], argmax[:, t] = _score(lp, windows_BL[:, t + 1])
         if kl is not None:
             kl[:, t] = _kl(ref_lp[:, t], lp)
@@ -415,9 +470,6 @@ def evaluate_artifact(
     if len(dec_idx):
         t0 = time.perf_counter()
         entry = manifest.phases["decode"]
-        if manifest.kv_cache.get("binding") != "grow":
-            binding = manifest.kv_cache.get("binding")
-            raise ArtifactError(f"evaluation supports kv_cache.binding 'grow', not {binding!r}")
         phase = OrtPhase(resolve(root, entry.graph), entry, name="decode", threads=threads)
         dec_wins = np.ascontiguousarray(wins[dec_idx, :Ld])  # (Bd, Ld)
         scores, dkl = _decode_scores(phase, manifest, dec_wins, ref_dec_lp)

@@ -39,6 +39,19 @@ class ActivationMode(enum.Enum):
     STATIC = "static"  # calibrated on text at compile time
 
 
+class KVBinding(enum.Enum):
+    """How the decode graph holds the KV cache (see passes/bind_kv_cache.py)."""
+
+    AUTO = "auto"  # bound where every layer's attention matches BindKVCachePass, else grow (logged)
+    BOUND = "bound"  # preallocated buffers updated in place (ORT GroupQueryAttention + I/O binding)
+    GROW = "grow"  # past in, present out (plain ONNX attention; any runtime)
+
+
+class KVDtype(enum.Enum):
+    FLOAT32 = "float32"
+    INT8 = "int8"  # bound cache only: per (kv head, channel) scales calibrated on text
+
+
 class Backend(enum.Enum):
     ORT = "ort"
 
@@ -87,6 +100,12 @@ class CompileOptions:
     decode: PhaseOptions = PhaseOptions()
     # Longest sequence (prompt + generated) the artifact accepts; None = the model's own limit.
     max_len: int | None = None
+    kv_binding: KVBinding = KVBinding.AUTO
+    kv_dtype: KVDtype = KVDtype.FLOAT32
+    # Bound cache: a prompt runs in steps of at most this many tokens (bounds activation memory).
+    prefill_chunk: int = 512
+    # ORT fusions: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization, q/k/v and gate/up packed.
+    fusions: bool = True
     # Calibration text for static activation scales, SmoothQuant, GPTQ and AWQ: windows x tokens.
     calibration_windows: int = 16
     calibration_tokens: int = 512
@@ -101,6 +120,10 @@ class CompileOptions:
             "prefill": self.prefill.to_dict(),
             "decode": self.decode.to_dict(),
             "max_len": self.max_len,
+            "kv_binding": self.kv_binding.value,
+            "kv_dtype": self.kv_dtype.value,
+            "prefill_chunk": self.prefill_chunk,
+            "fusions": self.fusions,
             "calibration_windows": self.calibration_windows,
             "calibration_tokens": self.calibration_tokens,
         }

@@ -2,7 +2,9 @@
 
 A pipeline maps the canonical graph to one phase's graph:
 
-    SplitPhasesPass -> CleanupPass -> [quantization for the phase's scheme] -> [target fusion] -> CleanupPass
+    SplitPhasesPass -> CleanupPass -> [quantization for the phase's scheme] -> [target fusion]
+                    -> [BindKVCachePass (ORT, bound KV binding)]
+                    -> [FuseSkipNormPass -> PackProjectionsPass (ORT fusions)] -> CleanupPass
 
     fp32   nothing more
     w8a16  QuantizeWeightsPass(int8, per channel)        -> FuseDequantMatMulPass (MatMulNBits 8-bit)
@@ -26,6 +28,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from twophase.compiler.errors import UnsupportedModelError
@@ -34,6 +37,8 @@ from twophase.compiler.manifest import ModelFacts
 from twophase.compiler.options import (
     ActivationMode,
     CompileOptions,
+    KVBinding,
+    KVDtype,
     Phase,
     PhaseOptions,
     QuantScheme,
@@ -78,28 +83,44 @@ class Calibration:
             for p in Phase
         )
         self._stats = None
+        self._kv_scales: dict | None = None
         self.seconds = 0.0
         self.codes: dict = {}  # (weight name, format) -> QuantizedWeight, shared by the phases
+
+    def _windows(self) -> list:
+        from twophase.compiler.corpus import default_calibration_windows
+
+        if self.tokenizer_json is None:
+            raise UnsupportedModelError(
+                "calibration (static w8a8, SmoothQuant, GPTQ, int8 KV cache) needs the model's tokenizer to "
+                "read the calibration text; this source has no tokenizer.json"
+            )
+        return default_calibration_windows(
+            self.tokenizer_json, self.options.calibration_windows, self.options.calibration_tokens
+        )
 
     def stats(self) -> dict:
         """{weight initializer name: MatMulStats}, from the canonical graph run on calibration text."""
         if self._stats is None:
             from twophase.compiler.calibration import collect_matmul_stats
-            from twophase.compiler.corpus import default_calibration_windows
 
-            if self.tokenizer_json is None:
-                raise UnsupportedModelError(
-                    "calibration (static w8a8, SmoothQuant, GPTQ) needs the model's tokenizer to read the "
-                    "calibration text; this source has no tokenizer.json"
-                )
             start = time.perf_counter()
-            windows = default_calibration_windows(
-                self.tokenizer_json, self.options.calibration_windows, self.options.calibration_tokens
-            )
-            self._stats = collect_matmul_stats(self.canonical, windows, hessian=self.needs_hessian)
-            self.seconds = time.perf_counter() - start
-            log.info("calibration: %d windows in %.1fs", len(windows), self.seconds)
+            self._stats = collect_matmul_stats(self.canonical, self._windows(), hessian=self.needs_hessian)
+            self.seconds += time.perf_counter() - start
+            log.info("calibration statistics in %.1fs", self.seconds)
         return self._stats
+
+    def kv_scales(self) -> dict:
+        """{layer: (key scale, value scale)}, each [kv_heads, head_dim]: absmax / 127 of the float cache."""
+        if self._kv_scales is None:
+            from twophase.compiler.calibration import collect_kv_absmax
+
+            start = time.perf_counter()
+            absmax = collect_kv_absmax(self.canonical, self._windows())
+            tiny = np.float32(1e-8)  # an all-zero channel still needs a positive scale
+            self._kv_scales = {i: (np.maximum(k / 127, tiny), np.maximum(v / 127, tiny)) for i, (k, v) in absmax.items()}
+            self.seconds += time.perf_counter() - start
+        return self._kv_scales
 
     def activation_absmax(self, model: ir.Model) -> dict:
         """{name of each weighted MatMul's activation input in `model`: per-channel absmax [K]}."""
@@ -184,6 +205,20 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
             raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
         steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
         steps.append(FuseDequantMatMulPass(weight_po.accuracy_level))
+    if options.kv_binding is KVBinding.BOUND:
+        from twophase.passes.bind_kv_cache import BindKVCachePass
+
+        if options.max_len is None:
+            raise UnsupportedModelError("a bound KV cache needs max_len (the driver resolves it)")
+        int8 = options.kv_dtype is KVDtype.INT8
+        steps.append(lambda m: BindKVCachePass(
+            options.max_len, kv_dtype=options.kv_dtype.value, kv_scales=calibration.kv_scales() if int8 else None
+        ))
+    if options.fusions:
+        from twophase.passes.fuse_skip_norm import FuseSkipNormPass
+        from twophase.passes.pack_projections import PackProjectionsPass
+
+        steps += [FuseSkipNormPass(), PackProjectionsPass()]
     if len(steps) > 2:
         steps.append(CleanupPass())
     return steps

@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 HASH_CHUNK = 1 << 20  # bytes per read: hashing then runs at sha256 speed (~350 MB/s on this CPU), not I/O-call bound
 
 KV_LAYOUTS = ("BHTD",)
-KV_BINDINGS = ("grow",)
-KV_DTYPES = ("float32", "float16")
+KV_BINDINGS = ("grow", "bound")
+KV_DTYPES = ("float32", "float16", "int8")
 
 
 def sha256_file(path: str | Path, chunk: int = HASH_CHUNK) -> str:
@@ -84,9 +84,12 @@ def check_sections(manifest: Manifest, where: str = MANIFEST_FILE) -> None:
                 f"{where}: kv_cache.{key} {kv[key]!r} is not supported by this runtime (supports {list(allowed)}); "
                 "recompile the artifact or upgrade twophase"
             )
-    max_len = kv.get("max_len")
-    if max_len is not None and (not isinstance(max_len, int) or isinstance(max_len, bool) or max_len <= 0):
-        raise ArtifactError(f"{where}: field 'kv_cache.max_len' must be a positive integer, got {max_len!r}")
+    for key in ("max_len", "prefill_chunk"):
+        value = kv.get(key)
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+            raise ArtifactError(f"{where}: field 'kv_cache.{key}' must be a positive integer, got {value!r}")
+    if kv["binding"] == "bound" and not kv.get("max_len"):
+        raise ArtifactError(f"{where}: a bound kv_cache needs 'kv_cache.max_len'; recompile the artifact")
 
     gen = manifest.generation
     if not isinstance(gen, dict):

@@ -135,6 +135,58 @@ class OrtPhase:
         outs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs))
 
+    def run_bound(self, feeds: dict[str, np.ndarray], cache: Any) -> np.ndarray:
+        """Run a bound-KV graph: `cache`'s buffers are bound as past and present and updated in place,
+        the small `feeds` are bound as CPU inputs; returns the logits."""
+        self.calls += 1
+        io = self.session.io_binding()
+        for name, array in feeds.items():
+            io.bind_cpu_input(name, array)
+        io.bind_output("logits")
+        cache.bind(io)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
+
+
+class BoundDecodeStep:
+    """A decode step over a bound KV cache with every input and output bound once (ORT I/O binding).
+
+    The small inputs live in numpy arrays that the step overwrites in place and the logits land in a
+    preallocated buffer, so a step makes no allocation and no binding call: it writes B token ids and
+    lengths, runs, and copies the (B, V) logits out. Valid for one cache allocation (`cache.version`).
+    """
+
+    def __init__(self, phase: OrtPhase, cache: Any, vocab_size: int) -> None:
+        B = cache.batch_size
+        self.phase = phase
+        self.version = cache.version
+        self.input_ids = np.zeros((B, 1), dtype=np.int64)
+        self.seqlens_k = np.zeros((B,), dtype=np.int32)
+        self.total = np.zeros((), dtype=np.int32)
+        self.query_seqlens = np.ones((B,), dtype=np.int32)
+        self.logits = np.zeros((B, 1, vocab_size), dtype=np.float32)
+        self.io = phase.session.io_binding()
+        self._values = []  # keep the OrtValues (and through them the arrays) alive
+        for name, array in (("input_ids", self.input_ids), ("seqlens_k", self.seqlens_k),
+                            ("total_sequence_length", self.total), ("query_seqlens", self.query_seqlens)):
+            value = ort.OrtValue.ortvalue_from_numpy(array)
+            self._values.append(value)
+            self.io.bind_ortvalue_input(name, value)
+        value = ort.OrtValue.ortvalue_from_numpy(self.logits)
+        self._values.append(value)
+        self.io.bind_ortvalue_output("logits", value)
+        cache.bind(self.io)
+
+    def run(self, tokens: np.ndarray, lengths_after: np.ndarray, query_lens: np.ndarray) -> np.ndarray:
+        """One step: tokens (B,), each row's cache length after the step (B,), tokens added per row (B,)."""
+        self.phase.calls += 1
+        self.input_ids[:, 0] = tokens
+        np.subtract(np.maximum(lengths_after, 1), 1, out=self.seqlens_k, casting="unsafe")
+        self.total[...] = max(int(lengths_after.max()), 1)
+        self.query_seqlens[:] = query_lens
+        self.phase.session.run_with_iobinding(self.io)
+        return self.logits[:, 0, :].copy()
+
 
 def check_signature(session: ort.InferenceSession, entry: PhaseEntry, name: str) -> None:
     """The session's inputs and outputs match the manifest's (names, dtypes, ranks, static dims)."""

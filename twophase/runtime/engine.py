@@ -24,8 +24,8 @@ import numpy as np
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
 from twophase.compiler.manifest import Manifest, ModelFacts
 from twophase.runtime.artifact import load_manifest, max_context, resolve
-from twophase.runtime.backend_ort import GraphOptLevel, OrtPhase
-from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, KVCacheBase, make_kv_cache
+from twophase.runtime.backend_ort import BoundDecodeStep, GraphOptLevel, OrtPhase
+from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, BoundKVCache, KVCacheBase, make_kv_cache
 from twophase.runtime.sampler import Sampler, SamplingParams, SamplingParamsError, seen_mask
 from twophase.runtime.stats import GenerationStats
 from twophase.runtime.tokenizer import Tokenizer
@@ -33,7 +33,9 @@ from twophase.runtime.tokenizer import Tokenizer
 log = logging.getLogger(__name__)
 
 STEP_INPUTS = ("input_ids", "attention_mask", "position_ids")
+BOUND_STEP_INPUTS = ("seqlens_k", "total_sequence_length", "query_seqlens")  # BindKVCachePass's
 STOP_TOKEN_REASONS = ("eos", "stop_token")
+DEFAULT_PREFILL_CHUNK = 512
 
 
 class Engine:
@@ -54,9 +56,13 @@ class Engine:
         self.prefill_phase = prefill_phase
         self.decode_phase = decode_phase
         self.max_len = max_context(manifest)
-        self.cache: KVCacheBase = make_kv_cache(
-            manifest.kv_cache["binding"], self.facts, self.max_len, manifest.kv_cache["dtype"]
-        )
+        kv = manifest.kv_cache
+        self.cache: KVCacheBase | BoundKVCache = make_kv_cache(kv["binding"], self.facts, self.max_len, kv["dtype"])
+        self.bound = isinstance(self.cache, BoundKVCache)
+        # a bound prompt runs in steps of at most this many tokens (bounded activation memory)
+        self.prefill_chunk: int = kv.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK
+        self._decode_step: BoundDecodeStep | None = None  # bound decode I/O, rebuilt per cache allocation
+        self._all_rows = np.ones(0, dtype=np.int64)
         gen = manifest.generation
         self.eos_token_ids: tuple[int, ...] = tuple(gen.get("eos_token_ids") or self.facts.eos_token_ids)
         self.stats = GenerationStats()
@@ -101,11 +107,14 @@ class Engine:
 
     # --- the two phases -------------------------------------------------------------------------
 
-    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None) -> np.ndarray:
+    def prefill(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray | None = None, *, reserve: int = 0
+    ) -> np.ndarray:
         """Run the prompt (B, S) through prefill, (re)initializing the KV cache; returns (B, V) last logits.
 
         Batches are left-padded: `attention_mask` (default all ones) is 0 on padding, and every row's
-        last column must be a real token.
+        last column must be a real token. `reserve` (bound cache) is how many tokens will follow, so the
+        buffers are allocated once at their final size.
         """
         ids = np.ascontiguousarray(input_ids, dtype=np.int64)
         if ids.ndim != 2 or ids.shape[1] == 0 or ids.shape[0] == 0:
@@ -117,6 +126,8 @@ class Engine:
             raise TwophaseError("batches must be left-padded: the last column of attention_mask must be all ones")
         if ids.shape[1] > self.max_len:
             raise ContextLengthError(f"prompt of {ids.shape[1]} tokens exceeds the artifact's max_len {self.max_len}")
+        if self.bound:
+            return self._prefill_bound(ids, mask, reserve)
         position_ids = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)  # (B, S)
         outs = self.prefill_phase.run({"input_ids": ids, "attention_mask": mask, "position_ids": position_ids})
         self.cache.reset()
@@ -124,12 +135,54 @@ class Engine:
         self._epoch += 1
         return outs["logits"][:, -1, :]
 
-    def decode_one_token(self, token_ids: np.ndarray) -> np.ndarray:
-        """Feed one token per row (B,) against the cache; returns (B, V) logits of the next position."""
+    def _prefill_bound(self, ids: np.ndarray, mask: np.ndarray, reserve: int) -> np.ndarray:
+        """Bound cache: each row's real tokens, right-aligned in chunks of prefill_chunk, from position 0."""
+        B, S = ids.shape
+        lens = mask.sum(axis=1)  # (B,) real tokens per row; left padding means they are the last lens[b]
+        if not all(mask[b, S - n :].all() for b, n in enumerate(lens)):
+            raise TwophaseError("attention_mask must be 0 on left padding and 1 on every token after it")
+        cache = self.cache
+        cache.allocate(B, int(lens.max()) + max(reserve, 0))
+        self._epoch += 1
+        last = np.empty((B, self.facts.vocab_size), dtype=np.float32)
+        done = np.zeros(B, dtype=np.int64)
+        while (done < lens).any():
+            q = np.minimum(lens - done, self.prefill_chunk)  # (B,) this step's tokens per row
+            chunk = np.zeros((B, int(q.max())), dtype=np.int64)  # right-padded
+            for b in range(B):
+                start = S - lens[b] + done[b]
+                chunk[b, : q[b]] = ids[b, start : start + q[b]]
+            feeds = cache.step_inputs(q)
+            feeds["input_ids"] = chunk
+            logits = self.prefill_phase.run_bound(feeds, cache)  # (B, 1, V): each row's last valid token
+            finished = (q > 0) & (done + q == lens)
+            last[finished] = logits[finished, -1]
+            cache.advance(q)
+            done += q
+        return last
+
+    def decode_one_token(self, token_ids: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
+        """Feed one token per row (B,) against the cache; returns (B, V) logits of the next position.
+
+        `active` (B,) bool, bound cache only: rows that are False are left unchanged (their logits are
+        meaningless), so finished rows of a batch stop growing.
+        """
         cache = self.cache
         ids = np.asarray(token_ids, dtype=np.int64).reshape(-1, 1)  # (B, 1)
         if ids.shape[0] != cache.batch_size:
             raise TwophaseError(f"decode_one_token got {ids.shape[0]} tokens for a cache of batch {cache.batch_size}")
+        if self.bound:
+            cache.reserve(1)
+            step = self._decode_step
+            if step is None or step.version != cache.version:
+                step = self._decode_step = BoundDecodeStep(self.decode_phase, cache, self.facts.vocab_size)
+                self._all_rows = np.ones(cache.batch_size, dtype=np.int64)
+            q = self._all_rows if active is None else np.asarray(active, dtype=np.int64)
+            if q.shape != (cache.batch_size,):
+                raise TwophaseError(f"active has shape {q.shape}, expected ({cache.batch_size},)")
+            logits = step.run(ids[:, 0], cache.lengths + q, q)
+            cache.advance(q)
+            return logits
         feeds = cache.feeds()
         feeds["input_ids"] = ids
         feeds["attention_mask"] = cache.next_attention_mask()  # (B, T+1)
@@ -163,6 +216,68 @@ class Engine:
                                 stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
         ids = self._check_request(prompt_ids, max_new_tokens)
         return self._token_loop(ids, params, max_new_tokens, t_start)
+
+    def generate_batch_ids(
+        self,
+        prompts: Sequence[Sequence[int] | np.ndarray],
+        *,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Sequence[int] | None = None,
+        seed: int | None = None,
+    ) -> list[list[int]]:
+        """Generate for several prompts of any lengths at once; row i's tokens are those prompt i gives
+        alone (each row has its own sampler with `seed`, its own stop). Rows that stop early stay idle
+        (bound cache: their cache is left unchanged) while the others finish.
+        """
+        if not prompts:
+            raise TwophaseError("generate_batch_ids needs at least one prompt")
+        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
+                                repetition_penalty=repetition_penalty,
+                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        rows = [self._check_request(p, max_new_tokens) for p in prompts]
+        B, S = len(rows), max(r.size for r in rows)
+        stats = self.stats = GenerationStats(prompt_tokens=sum(int(r.size) for r in rows))
+        out: list[list[int]] = [[] for _ in rows]
+        if max_new_tokens == 0:
+            stats.stop_reason = "max_new_tokens"
+            return out
+        ids = np.zeros((B, S), dtype=np.int64)
+        mask = np.zeros((B, S), dtype=np.int64)
+        for b, r in enumerate(rows):  # left-padded
+            ids[b, S - r.size :], mask[b, S - r.size :] = r, 1
+        samplers = [Sampler(params) for _ in rows]
+        seen = [seen_mask(r[None], self.facts.vocab_size) if params.uses_penalty else None for r in rows]
+        stops = frozenset(self.eos_token_ids) | frozenset(params.stop_token_ids)
+        active = np.ones(B, dtype=bool)
+        token = np.zeros(B, dtype=np.int64)
+        clock = time.perf_counter
+        t0 = clock()
+        logits = self.prefill(ids, mask, reserve=max_new_tokens)
+        stats.prefill_s = stats.ttft_s = clock() - t0
+        for step in range(max_new_tokens):
+            if step > 0:
+                t0 = clock()
+                logits = self.decode_one_token(token, active=active if self.bound else None)
+                stats.decode_s += clock() - t0
+                stats.decode_steps += 1
+            token = np.zeros(B, dtype=np.int64)
+            for b in np.flatnonzero(active):
+                tok = int(samplers[b].sample(logits[b : b + 1], seen[b])[0])
+                token[b] = tok
+                out[b].append(tok)
+                stats.generated_tokens += 1
+                if seen[b] is not None:
+                    seen[b][0, tok] = True
+                if tok in stops:
+                    active[b] = False
+            if not active.any():
+                break
+        stats.stop_reason = "max_new_tokens" if active.any() else "eos"
+        return out
 
     def _check_request(self, prompt_ids: Sequence[int] | np.ndarray, max_new_tokens: int) -> np.ndarray:
         """The prompt as a (S,) int64 array, after the emptiness, vocabulary and context checks."""
@@ -201,7 +316,7 @@ class Engine:
         clock = time.perf_counter
         try:
             t0 = clock()
-            logits = self.prefill(ids[None])  # (1, V)
+            logits = self.prefill(ids[None], reserve=max_new_tokens)  # (1, V)
             stats.prefill_s = clock() - t0
             epoch = self._epoch
             token = sampler.sample(logits, seen)  # (1,)
@@ -353,10 +468,15 @@ class StopStrings:
 def check_phase_contract(manifest: Manifest) -> None:
     """The phases take and return what the loop feeds and reads (names from DESIGN.md's contract)."""
     facts = manifest.model
-    want = {
-        "prefill": (list(STEP_INPUTS), ["logits", *facts.kv_names(PRESENT_PREFIX)]),
-        "decode": ([*STEP_INPUTS, *facts.kv_names(PAST_PREFIX)], ["logits", *facts.kv_names(PRESENT_PREFIX)]),
-    }
+    outputs = ["logits", *facts.kv_names(PRESENT_PREFIX)]
+    if manifest.kv_cache["binding"] == "bound":
+        bound = ["input_ids", *BOUND_STEP_INPUTS, *facts.kv_names(PAST_PREFIX)]
+        want = {"prefill": (bound, outputs), "decode": (bound, outputs)}
+    else:
+        want = {
+            "prefill": (list(STEP_INPUTS), outputs),
+            "decode": ([*STEP_INPUTS, *facts.kv_names(PAST_PREFIX)], outputs),
+        }
     for phase, (inputs, outputs) in want.items():
         entry = manifest.phases[phase]
         have_in = {t.name for t in entry.inputs}

@@ -1,8 +1,11 @@
-"""The KV cache: K/V state per layer plus the per-row attention mask of the cached positions.
+"""The KV cache: K/V state per layer, in one of two bindings (the manifest's kv_cache.binding).
 
-Dimension letters: B batch, H kv heads, T cached positions, D head dim, L layers. Layout BHTD.
+Dimension letters: B batch, H kv heads, T cached positions, C capacity, D head dim, L layers. Layout BHTD.
 
-A cache implements `KVCacheBase`:
+`KVCache` is the "grow" binding (graphs without BindKVCachePass): the decode graph takes past
+(B, H, T, D) plus an attention mask and returns present (B, H, T+1, D); the cache keeps the step's
+outputs (the graph's Concat is the inherent per-token copy of this binding) and the per-row mask of
+left-padded batches:
     reset()                      forget everything (batch size back to 0)
     update(present, new_mask)    take a step's `present.{i}.key|value` outputs; `new_mask` [B, n] marks
                                  which of the step's n new positions are real (0 = left padding)
@@ -11,12 +14,16 @@ A cache implements `KVCacheBase`:
     next_position_ids()          [B, 1] positions of the next token (= real tokens so far per row)
     length, batch_size, max_len, attention_mask
 
-`KVCache` is the "grow" binding: the decode graph takes past (B, H, T, D) and returns present
-(B, H, T+1, D), so the cache just keeps the step's outputs (no copy on our side; the graph's Concat
-is the inherent cost of this binding). A "bound" variant (gpt-fast style) would preallocate
-(B, H, max_len, D) buffers, bind them as both past and present through ORT I/O binding, write new
-entries in place with `update(pos, k, v)`, and return those buffers from `feeds()`; the mask and
-position bookkeeping here (a preallocated [B, max_len] mask buffer) is already shaped for it.
+`BoundKVCache` is the "bound" binding (BindKVCachePass): preallocated (B, H, C, D) buffers that the
+graph reads and writes in place (ORT I/O binding: each buffer is bound as both past and present), each
+row stored compactly from position 0 with its own length, so nothing per token scales with context:
+    allocate(batch, capacity)    zeroed buffers for a new batch
+    reserve(n)                   make room for n more positions per row (amortized doubling, <= max_len)
+    step_inputs(query_lens)      {seqlens_k, total_sequence_length, query_seqlens} for a step that adds
+                                 query_lens[b] tokens to row b (0 = row idle)
+    advance(query_lens)          record that the step ran
+    bind(io_binding)             bind every buffer as past and present
+    lengths, batch_size, capacity, max_len
 """
 
 from __future__ import annotations
@@ -164,9 +171,116 @@ class KVCache(KVCacheBase):
         return self._kv[2 * i], self._kv[2 * i + 1]
 
 
-def make_kv_cache(binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32") -> KVCacheBase:
+class BoundKVCache:
+    """"bound" binding: preallocated (B, H, C, D) buffers updated in place by the graph (module doc)."""
+
+    binding = "bound"
+    MIN_CAPACITY = 64  # positions; capacities are multiples of it
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: str = "float32") -> None:
+        if min(num_layers, num_kv_heads, head_dim, max_len) <= 0:
+            raise TwophaseError("KV cache sizes must be positive")
+        self.num_layers = num_layers
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.max_len = max_len
+        self.dtype = np.dtype(dtype)
+        self.past_names = [f"{PAST_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self.present_names = [f"{PRESENT_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
+        self.reset()
+
+    @classmethod
+    def for_model(cls, facts: ModelFacts, max_len: int, dtype: str = "float32") -> BoundKVCache:
+        return cls(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_len, dtype)
+
+    def reset(self) -> None:
+        self.batch_size = 0
+        self.capacity = 0
+        self.lengths = np.zeros((0,), dtype=np.int64)  # (B,) cached positions per row
+        self._buffers: list[np.ndarray] = []  # 2L arrays (B, H, C, D)
+        self._ortvalues: list = []
+        self.version = getattr(self, "version", 0) + 1  # bumped whenever the buffers change
+
+    @property
+    def length(self) -> int:
+        """The longest row's cached positions."""
+        return int(self.lengths.max()) if self.batch_size else 0
+
+    def allocate(self, batch: int, capacity: int) -> None:
+        """Zeroed buffers for `batch` empty rows with room for `capacity` positions each."""
+        if batch <= 0:
+            raise TwophaseError(f"batch size must be positive, got {batch}")
+        self.reset()
+        self.batch_size = batch
+        self.lengths = np.zeros((batch,), dtype=np.int64)
+        self._resize(self._round(capacity))
+
+    def reserve(self, n: int) -> None:
+        """Room for `n` more positions in every row; grows by at least doubling (copying once), up to max_len."""
+        need = self.length + n
+        if need > self.max_len:
+            raise ContextLengthError(
+                f"KV cache holds {self.length} positions and cannot take {n} more: max_len is {self.max_len}"
+            )
+        if need > self.capacity:
+            self._resize(self._round(max(need, 2 * self.capacity)))
+
+    def _round(self, capacity: int) -> int:
+        m = self.MIN_CAPACITY
+        return min(self.max_len, max(m, -(-capacity // m) * m))
+
+    def _resize(self, capacity: int) -> None:
+        import onnxruntime as ort
+
+        shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
+        old, keep = self._buffers, min(self.capacity, capacity)
+        self._buffers = [np.zeros(shape, dtype=self.dtype) for _ in self.past_names]
+        for new, prev in zip(self._buffers, old):
+            new[:, :, :keep] = prev[:, :, :keep]
+        # CPU OrtValues over the numpy memory: the graph writes straight into self._buffers
+        self._ortvalues = [ort.OrtValue.ortvalue_from_numpy(b) for b in self._buffers]
+        self.capacity = capacity
+        self.version += 1
+
+    def step_inputs(self, query_lens: np.ndarray) -> dict[str, np.ndarray]:
+        """The bound graph's length inputs for a step that adds query_lens[b] tokens to row b."""
+        q = np.asarray(query_lens, dtype=np.int64)
+        if q.shape != (self.batch_size,):
+            raise TwophaseError(f"query lengths have shape {q.shape}, the cache holds batch {self.batch_size}")
+        total = self.lengths + q
+        if int(total.max()) > self.capacity:
+            raise ContextLengthError(
+                f"a step of {int(q.max())} tokens needs {int(total.max())} cache positions; capacity is "
+                f"{self.capacity} (reserve() first; max_len is {self.max_len})"
+            )
+        return {
+            "seqlens_k": (np.maximum(total, 1) - 1).astype(np.int32),
+            "total_sequence_length": np.array(max(int(total.max()), 1), dtype=np.int32),
+            "query_seqlens": q.astype(np.int32),
+        }
+
+    def advance(self, query_lens: np.ndarray) -> None:
+        self.lengths += np.asarray(query_lens, dtype=np.int64)
+
+    def bind(self, io_binding) -> None:
+        """Bind every buffer as both its past input and its present output."""
+        if not self._ortvalues:
+            raise TwophaseError("KV cache is not allocated: run prefill first")
+        for past, present, value in zip(self.past_names, self.present_names, self._ortvalues):
+            io_binding.bind_ortvalue_input(past, value)
+            io_binding.bind_ortvalue_output(present, value)
+
+    def layer(self, i: int, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(key, value) of layer i for one row, each (H, T_row, D): views into the buffers."""
+        n = int(self.lengths[row])
+        return self._buffers[2 * i][row, :, :n], self._buffers[2 * i + 1][row, :, :n]
+
+
+def make_kv_cache(
+    binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32"
+) -> KVCacheBase | BoundKVCache:
     """The cache class for a manifest's kv_cache.binding."""
-    classes: dict[str, type[KVCacheBase]] = {KVCache.binding: KVCache}
+    classes: dict[str, type] = {KVCache.binding: KVCache, BoundKVCache.binding: BoundKVCache}
     if binding not in classes:
         raise ArtifactError(f"kv_cache.binding {binding!r} is not supported by this runtime (supports {list(classes)})")
     return classes[binding].for_model(facts, max_len, dtype)
