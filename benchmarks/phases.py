@@ -1,14 +1,25 @@
-"""Prefill and decode throughput of twophase artifacts vs transformers eager fp32, side by side.
+"""Prefill and decode throughput of twophase artifacts, side by side with peers, plus the decode roofline.
 
-    python benchmarks/phases.py [--artifact DIR ...] [--model smollm2-135m-instruct] [--threads 2] [--reps 5]
+    python benchmarks/phases.py [--artifact DIR ...] [--genai LABEL=DIR ...] [--no-transformers]
+                                [--roofline] [--batches 1,4,16] [--threads 2] [--reps 5]
 
-With several --artifact directories (e.g. one per quantization scheme) every row also gets its ratio
-to the first artifact (the fp32 baseline), measured in the same run.
+Every engine runs in the same process run, interleaved repetition by repetition; the table reports
+medians, with ratios to the first artifact (the baseline, e.g. fp32) measured in that same run.
+
+Engines: each --artifact (twophase; e.g. one per scheme, or "before/after" builds such as
+`--kv-cache grow --no-fusions` vs the default), transformers eager fp32 (unless --no-transformers),
+and onnxruntime-genai builds given with --genai LABEL=DIR (run in their own venv through
+benchmarks/peers_genai.py; recipe in benchmarks/PEERS.md). All get the same token ids.
 
 Prompts are real text (CPython's pydoc_data/topics.py) cut to exactly N tokens. Prefill: one forward
 over the N-token prompt. Decode: tokens/s over --decode-steps greedy steps after a 128-token prompt
-(EOS ignored, so every step runs). Each repetition runs every engine once, interleaved, and the table
-reports medians; ratios are against transformers measured in the same run.
+(EOS ignored, so every step runs).
+
+--roofline measures a STREAM-style read bandwidth with the same thread count (twophase.bench.roofline)
+and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights once + the
+K/V of the mean context) and the fraction of bandwidth / bytes-per-token that the measured decode
+rate reaches. --batches measures decode throughput (tokens/s summed over the rows) of each twophase
+artifact at those batch sizes (rows are different 128-token prompts).
 """
 
 from __future__ import annotations
@@ -49,7 +60,7 @@ class TwophaseRunner:
 
     def decode(self, ids: list[int], steps: int) -> float:
         x = np.asarray([ids], dtype=np.int64)
-        logits = self.engine.prefill(x, np.ones_like(x))
+        logits = self.engine.prefill(x, np.ones_like(x), reserve=steps + 1)
         token = logits.argmax(-1)
         t = time.perf_counter()
         for _ in range(steps):
@@ -90,17 +101,71 @@ class TransformersRunner:
             return time.perf_counter() - t
 
 
+class GenaiRunner:
+    """An onnxruntime-genai build in its own venv (benchmarks/peers_genai.py's worker)."""
+
+    def __init__(self, label: str, model_dir: Path, threads: int) -> None:
+        from peers_genai import GenaiPeer, default_python
+
+        self.peer = GenaiPeer(default_python(), model_dir, threads)
+        self.model_dir = model_dir
+        self.name = f"onnxruntime-genai {label} ({self.peer.info.get('genai', '?')})"
+
+    def prefill(self, ids: list[int]) -> float:
+        return self.peer.run(ids, 1)["prefill_s"]
+
+    def decode(self, ids: list[int], steps: int) -> float:
+        reply = self.peer.run(ids, steps + 1)
+        return reply["decode_s"] * steps / reply["decode_steps"]
+
+
+def decode_graph_bytes(runner) -> tuple[int, int] | None:
+    """(weight bytes a decode step streams, K/V bytes per cached position) of a runner, if it has an ONNX graph."""
+    from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position
+
+    if isinstance(runner, TwophaseRunner):
+        e = runner.engine
+        f = e.facts
+        itemsize = np.dtype(e.manifest.kv_cache["dtype"]).itemsize
+        return graph_bytes(e.decode_phase.graph_path).streamed, kv_bytes_per_position(
+            f.num_layers, f.num_kv_heads, f.head_dim, itemsize)
+    if isinstance(runner, GenaiRunner):
+        import json
+
+        cfg = json.loads((runner.model_dir / "genai_config.json").read_text())["model"]["decoder"]
+        return graph_bytes(runner.model_dir / cfg["filename"]).streamed, kv_bytes_per_position(
+            cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"], 4)
+    return None
+
+
+def batch_decode(runner: TwophaseRunner, prompts: list[list[int]], steps: int) -> float:
+    """Seconds for `steps` decode steps over len(prompts) rows."""
+    e = runner.engine
+    x = np.asarray(prompts, dtype=np.int64)
+    token = e.prefill(x, np.ones_like(x), reserve=steps + 1).argmax(-1)
+    t = time.perf_counter()
+    for _ in range(steps):
+        token = e.decode_one_token(token).argmax(-1)
+    return time.perf_counter() - t
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--artifact", type=Path, action="append", default=None,
                    help="compiled artifact (repeatable; default: out/MODEL, compiled if absent)")
+    p.add_argument("--genai", action="append", default=[], metavar="LABEL=DIR",
+                   help="an onnxruntime-genai model dir to run beside (repeatable)")
+    p.add_argument("--no-transformers", action="store_true", help="skip transformers eager fp32")
+    p.add_argument("--roofline", action="store_true", help="measure bandwidth and report the decode roofline")
+    p.add_argument("--batches", default="", help="decode batch sizes for the twophase artifacts, e.g. 1,4,16")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--prefill-lengths", default="128,512")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    sys.path.insert(0, str(Path(__file__).parent))
 
     artifacts = args.artifact or [Path("out") / args.model]
     if not (artifacts[0] / "manifest.json").is_file():
@@ -111,13 +176,21 @@ def main(argv: list[str] | None = None) -> int:
         compile_model(args.model, artifacts[0], CompileOptions())
 
     ours = [TwophaseRunner(a, args.threads) for a in artifacts]
-    runners = [*ours, TransformersRunner(args.model, args.threads)]
-    lengths = [int(n) for n in args.prefill_lengths.split(",")]
+    runners: list = list(ours)
+    for spec in args.genai:
+        label, _, path = spec.partition("=")
+        runners.append(GenaiRunner(label, Path(path), args.threads))
+    hf = None
+    if not args.no_transformers:
+        hf = TransformersRunner(args.model, args.threads)
+        runners.append(hf)
+    lengths = [int(n) for n in args.prefill_lengths.split(",") if n]
     prompts = {n: corpus_ids(ours[0].engine.tokenizer, n) for n in lengths + [128]}
 
     # warm-up (session initialization, first-call allocations)
     for r in runners:
-        r.prefill(prompts[lengths[0]])
+        if lengths:
+            r.prefill(prompts[lengths[0]])
         r.decode(prompts[128], 4)
 
     times: dict[tuple[str, str], list[float]] = {}
@@ -128,19 +201,71 @@ def main(argv: list[str] | None = None) -> int:
             times.setdefault((r.name, "decode @128"), []).append(args.decode_steps / r.decode(prompts[128], args.decode_steps))
 
     cols = [f"prefill {n}" for n in lengths] + ["decode @128"]
-    base, hf = runners[0].name, runners[-1].name
+    base = runners[0].name
     print(f"\n{args.model}, {args.threads} threads, median of {args.reps} runs; tokens/s "
-          f"(ratio vs the first artifact / vs transformers)\n")
+          f"(ratio vs the first artifact{' / vs transformers' if hf else ''})\n")
     print("| engine | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in runners:
         cells = []
         for c in cols:
             med = statistics.median(times[(r.name, c)])
-            vs_base = med / statistics.median(times[(base, c)])
-            vs_hf = med / statistics.median(times[(hf, c)])
-            cells.append(f"{med:.1f} ({vs_base:.2f}x / {vs_hf:.2f}x)")
+            cell = f"{med:.1f} ({med / statistics.median(times[(base, c)]):.2f}x"
+            if hf is not None:
+                cell += f" / {med / statistics.median(times[(hf.name, c)]):.2f}x"
+            cells.append(cell + ")")
         print(f"| {r.name} | " + " | ".join(cells) + " |")
+
+    if args.roofline:
+        from twophase.bench.roofline import (
+            StreamKernel,
+            decode_bytes_per_token,
+            measure_bandwidth,
+            roofline_tokens_per_s,
+        )
+
+        bw = measure_bandwidth(args.threads)
+        read = bw.kernel(StreamKernel.READ).median_gbs
+        context = 128 + args.decode_steps // 2
+        print(f"\nDecode roofline: STREAM-style read bandwidth {read:.1f} GB/s ({args.threads} threads, "
+              f"{bw.array_mib} MiB arrays, cpu share {bw.cpu_share:.2f}); bytes per token = decode weights "
+              f"+ K/V of {context} positions\n")
+        print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction |")
+        print("|---|---|---|---|---|---|")
+        for r in runners:
+            sizes = decode_graph_bytes(r)
+            if sizes is None:
+                continue
+            per_token = decode_bytes_per_token(sizes[0], sizes[1], context)
+            bound = roofline_tokens_per_s(per_token, read)
+            med = statistics.median(times[(r.name, "decode @128")])
+            print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | {bound:.0f} | "
+                  f"{med:.1f} | {med / bound:.0%} |")
+
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if batches:
+        ids = corpus_ids(ours[0].engine.tokenizer, 128 * max(batches))
+        rows = {b: [ids[i * 128 : (i + 1) * 128] for i in range(b)] for b in batches}
+        for r in ours:  # warm-up at each batch size
+            for b in batches:
+                batch_decode(r, rows[b], 2)
+        bt: dict[tuple[str, int], list[float]] = {}
+        for _ in range(args.reps):
+            for r in ours:
+                for b in batches:
+                    bt.setdefault((r.name, b), []).append(b * args.decode_steps / batch_decode(r, rows[b], args.decode_steps))
+        print(f"\nBatched decode after 128-token prompts: tokens/s summed over the rows (median of {args.reps}; "
+              "ratio vs batch 1)\n")
+        print("| engine | " + " | ".join(f"batch {b}" for b in batches) + " |")
+        print("|---" * (len(batches) + 1) + "|")
+        for r in ours:
+            one = statistics.median(bt[(r.name, batches[0])])
+            cells = [f"{statistics.median(bt[(r.name, b)]):.1f} ({statistics.median(bt[(r.name, b)]) / one:.2f}x)"
+                     for b in batches]
+            print(f"| {r.name} | " + " | ".join(cells) + " |")
+    for r in runners:
+        if isinstance(r, GenaiRunner):
+            r.peer.close()
     return 0
 
 

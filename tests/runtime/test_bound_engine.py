@@ -151,3 +151,33 @@ def test_no_memory_growth_over_500_decode_steps(artifacts):
     growth = _rss_bytes() - before
     assert engine.cache.version == version  # the buffers were never reallocated
     assert growth < 8 * 2**20, f"RSS grew by {growth / 2**20:.1f} MiB over 450 decode steps"
+
+
+def test_slots_join_and_leave_between_decode_steps(artifacts):
+    """Continuous batching: a prompt prefilled into a free slot while another row is mid-generation gives
+    exactly the tokens it gives alone, and the running row is not disturbed."""
+    engine = Engine.load(artifacts("gqa16")[0])
+    alone = [list(engine.generate_ids(p, max_new_tokens=8)) for p in PROMPTS[:2]]
+    engine.start_slots(batch=3, capacity=16)
+    out = {0: [], 1: []}
+    tok = np.zeros(3, np.int64)
+    tok[0] = int(engine.prefill_slot(0, PROMPTS[0], reserve=8).argmax())
+    out[0].append(int(tok[0]))
+    active = np.array([True, False, False])
+    for step in range(7):
+        if step == 3:  # row 1 joins while row 0 runs
+            tok[1] = int(engine.prefill_slot(1, PROMPTS[1], reserve=8).argmax())
+            out[1].append(int(tok[1]))
+            active[1] = True
+        logits = engine.decode_one_token(tok, active=active)
+        for b in np.flatnonzero(active):
+            tok[b] = int(logits[b].argmax())
+            out[b].append(int(tok[b]))
+    while len(out[1]) < 8:  # row 0 is done: it idles while row 1 finishes
+        active[0] = False
+        tok[1] = int(engine.decode_one_token(tok, active=active)[1].argmax())
+        out[1].append(int(tok[1]))
+    assert out[0] == alone[0] and out[1] == alone[1]
+    assert engine.cache.lengths.tolist() == [len(PROMPTS[0]) + 7, len(PROMPTS[1]) + 7, 0]
+    with pytest.raises(Exception, match="slot 5"):
+        engine.prefill_slot(5, [1, 2])

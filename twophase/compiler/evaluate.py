@@ -51,6 +51,7 @@ from twophase.compiler.errors import ArtifactError, ContextLengthError, Twophase
 from twophase.compiler.manifest import Manifest
 from twophase.runtime.artifact import load_manifest, max_context, resolve, tokenizer_paths
 from twophase.runtime.backend_ort import BoundDecodeStep, GraphOptLevel, OrtPhase, session_options
+from twophase.passes.split_phases import find_last_position_slice
 from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, BoundKVCache
 
 log = logging.getLogger(__name__)
@@ -133,43 +134,6 @@ def _fmt(x: float | None, spec: str, suffix: str = "") -> str:
 # The full-logits prefill variant
 
 
-def _const_ints(value: ir.Value | None) -> list[int] | None:
-    if value is None or value.const_value is None:
-        return None
-    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
-
-
-def _is_last_position_slice(node: ir.Node) -> bool:
-    """Slice(x, starts=[-1], ends=[>= 2**62], axes=[-2] or [1]) on a rank-3 tensor: SplitPhasesPass's."""
-    if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
-        return False
-    starts, ends, axes = (_const_ints(v) for v in node.inputs[1:4])
-    return starts == [-1] and ends is not None and len(ends) == 1 and ends[0] >= 2**62 and axes in ([-2], [1])
-
-
-def _find_last_position_slice(graph: ir.Graph) -> ir.Node:
-    """The last-position Slice nearest to the `logits` output (breadth-first through producers)."""
-    logits = next((v for v in graph.outputs if v.name == "logits"), None)
-    if logits is None:
-        raise ArtifactError("the prefill graph has no 'logits' output; recompile the artifact")
-    frontier, seen = [logits], set()
-    while frontier:
-        nxt = []
-        for value in frontier:
-            node = value.producer()
-            if node is None or id(node) in seen:
-                continue
-            seen.add(id(node))
-            if _is_last_position_slice(node):
-                return node
-            nxt.extend(v for v in node.inputs if v is not None)
-        frontier = nxt
-    raise ArtifactError(
-        "the prefill graph has no last-position Slice (starts=[-1], axes=[-2]) behind 'logits', so it cannot "
-        "be turned into a full-window graph for perplexity; was it compiled by SplitPhasesPass?"
-    )
-
-
 def _find_last_valid_gather(graph: ir.Graph) -> ir.Node | None:
     """The GatherND(hidden, query_seqlens - 1) of a bound prefill graph (BindKVCachePass), if any.
 
@@ -194,7 +158,12 @@ def full_logits_model(prefill_path: str | Path) -> ir.Model:
     """
     model = ir.load(str(prefill_path))
     graph = model.graph
-    node = _find_last_valid_gather(graph) or _find_last_position_slice(graph)
+    node = _find_last_valid_gather(graph) or find_last_position_slice(graph)
+    if node is None:
+        raise ArtifactError(
+            "the prefill graph has no last-position Slice (starts=[-1], axes=[-2]) behind 'logits', so it cannot "
+            "be turned into a full-window graph for perplexity; was it compiled by SplitPhasesPass?"
+        )
     x, y = node.inputs[0], node.outputs[0]
     assert x is not None
     was_output = y.is_graph_output()

@@ -444,14 +444,12 @@ def evaluate_subgraph(graph: ir.Graph, outputs: list[ir.Value], feeds: dict[str,
 
 def _gather_last_valid(graph: ir.Graph, query_seqlens: ir.Value) -> None:
     """Replace the lm_head's last-position Slice by hidden[b, query_seqlens[b] - 1] (GatherND, batch_dims=1)."""
-    from twophase.passes.split_phases import find_lm_head
+    from twophase.passes.split_phases import find_last_position_slice
 
-    matmul = find_lm_head(graph)
-    sliced = matmul.inputs[0] if matmul is not None else None
-    node = sliced.producer() if sliced is not None else None
-    if node is None or node.op_type != "Slice":
+    node = find_last_position_slice(graph)
+    if node is None:
         raise BindKVCacheError("BindKVCachePass: the prefill graph has no last-position Slice before its lm_head")
-    hidden = node.inputs[0]
+    hidden, sliced = node.inputs[0], node.outputs[0]
     one = _initializer(graph, "twophase_one_i32", np.array(1, dtype=np.int32))
     last_axis = _initializer(graph, "twophase_axes_last", np.array([-1], dtype=np.int64))
     axis1 = _initializer(graph, "twophase_axes_1", np.array([1], dtype=np.int64))

@@ -395,6 +395,39 @@ def find_lm_head(graph: ir.Graph) -> ir.Node | None:
         value = nxt
 
 
+def _const_ints(value: ir.Value | None) -> list[int] | None:
+    if value is None or value.const_value is None:
+        return None
+    return [int(v) for v in np.asarray(value.const_value.numpy()).reshape(-1)]
+
+
+def _is_last_position_slice(node: ir.Node) -> bool:
+    """Slice(x, starts=[-1], ends=[>= 2**62], axes=[-2] or [1]): the one this pass inserts."""
+    if node.op_type != "Slice" or node.domain not in ("", "ai.onnx") or len(node.inputs) < 4:
+        return False
+    starts, ends, axes = (_const_ints(v) for v in node.inputs[1:4])
+    return starts == [-1] and ends is not None and len(ends) == 1 and ends[0] >= 2**62 and axes in ([-2], [1])
+
+
+def find_last_position_slice(graph: ir.Graph) -> ir.Node | None:
+    """The prefill graph's last-position Slice nearest to `logits` (breadth-first through producers; it may
+    sit before a quantized lm_head, e.g. MatMulNBits), or None."""
+    logits = next((v for v in graph.outputs if v.name == "logits"), None)
+    frontier, seen = ([logits] if logits is not None else []), set()
+    while frontier:
+        nxt = []
+        for value in frontier:
+            node = value.producer()
+            if node is None or id(node) in seen:
+                continue
+            seen.add(id(node))
+            if _is_last_position_slice(node):
+                return node
+            nxt.extend(v for v in node.inputs if v is not None)
+        frontier = nxt
+    return None
+
+
 def _last_position_slice(graph: ir.Graph, value: ir.Value, name: str) -> ir.Node:
     starts = _const(graph, "twophase_last_starts", np.array([-1], dtype=np.int64))
     ends = _const(graph, "twophase_last_ends", np.array([_INT64_MAX], dtype=np.int64))

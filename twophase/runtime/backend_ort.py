@@ -135,15 +135,18 @@ class OrtPhase:
         outs = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, outs))
 
-    def run_bound(self, feeds: dict[str, np.ndarray], cache: Any) -> np.ndarray:
-        """Run a bound-KV graph: `cache`'s buffers are bound as past and present and updated in place,
-        the small `feeds` are bound as CPU inputs; returns the logits."""
+    def run_bound(self, feeds: dict[str, np.ndarray], cache: Any, row: int | None = None) -> np.ndarray:
+        """Run a bound-KV graph: `cache`'s buffers (or one row of them) are bound as past and present and
+        updated in place, the small `feeds` are bound as CPU inputs; returns the logits."""
         self.calls += 1
         io = self.session.io_binding()
         for name, array in feeds.items():
             io.bind_cpu_input(name, array)
         io.bind_output("logits")
-        cache.bind(io)
+        if row is None:
+            cache.bind(io)
+        else:
+            cache.bind_row(io, row)
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 

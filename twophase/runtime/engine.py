@@ -161,6 +161,44 @@ class Engine:
             done += q
         return last
 
+    # --- slots (bound cache): rows that start and finish independently (continuous batching) --------
+
+    def start_slots(self, batch: int, capacity: int) -> None:
+        """An empty bound cache of `batch` rows (slots) with room for `capacity` positions each."""
+        if not self.bound:
+            raise TwophaseError("slots need a bound KV cache; recompile the artifact with --kv-cache bound")
+        self.cache.allocate(batch, min(capacity, self.max_len))
+        self._epoch += 1
+
+    def prefill_slot(self, slot: int, prompt_ids: Sequence[int] | np.ndarray, *, reserve: int = 0) -> np.ndarray:
+        """Prefill one prompt into row `slot` of the cache, replacing what the row held; the other rows are
+        untouched. Returns the (V,) logits of the prompt's last token. `reserve`: tokens that will follow."""
+        cache = self.cache
+        if not self.bound or cache.batch_size == 0:
+            raise TwophaseError("prefill_slot needs slots: call start_slots first")
+        ids = np.asarray(prompt_ids, dtype=np.int64).reshape(-1)
+        if ids.size == 0:
+            raise TwophaseError("empty prompt: generation needs at least one prompt token")
+        self.check_context(int(ids.size), max(reserve, 0))
+        if not 0 <= slot < cache.batch_size:
+            raise TwophaseError(f"slot {slot} is outside the cache's {cache.batch_size} slots")
+        cache.ensure_capacity(int(ids.size) + max(reserve, 0))
+        cache.lengths[slot] = 0
+        logits = None
+        done = 0
+        while done < ids.size:
+            q = np.array([min(ids.size - done, self.prefill_chunk)], dtype=np.int64)
+            feeds = {
+                "input_ids": ids[None, done : done + int(q[0])],
+                "seqlens_k": np.array([done + q[0] - 1], dtype=np.int32),
+                "total_sequence_length": np.array(done + q[0], dtype=np.int32),
+                "query_seqlens": q.astype(np.int32),
+            }
+            logits = self.prefill_phase.run_bound(feeds, cache, row=slot)
+            done += int(q[0])
+        cache.lengths[slot] = ids.size
+        return logits[0, -1]
+
     def decode_one_token(self, token_ids: np.ndarray, active: np.ndarray | None = None) -> np.ndarray:
         """Feed one token per row (B,) against the cache; returns (B, V) logits of the next position.
 

@@ -23,6 +23,7 @@ row stored compactly from position 0 with its own length, so nothing per token s
                                  query_lens[b] tokens to row b (0 = row idle)
     advance(query_lens)          record that the step ran
     bind(io_binding)             bind every buffer as past and present
+    bind_row(io_binding, row)    bind one row's slices (a prefill into that row while others wait)
     lengths, batch_size, capacity, max_len
 """
 
@@ -217,13 +218,18 @@ class BoundKVCache:
 
     def reserve(self, n: int) -> None:
         """Room for `n` more positions in every row; grows by at least doubling (copying once), up to max_len."""
-        need = self.length + n
-        if need > self.max_len:
+        if self.length + n > self.max_len:
             raise ContextLengthError(
                 f"KV cache holds {self.length} positions and cannot take {n} more: max_len is {self.max_len}"
             )
-        if need > self.capacity:
-            self._resize(self._round(max(need, 2 * self.capacity)))
+        self.ensure_capacity(self.length + n)
+
+    def ensure_capacity(self, positions: int) -> None:
+        """Room for `positions` positions per row (<= max_len), growing by at least doubling."""
+        if positions > self.max_len:
+            raise ContextLengthError(f"{positions} positions exceed the KV cache's max_len {self.max_len}")
+        if positions > self.capacity:
+            self._resize(self._round(max(positions, 2 * self.capacity)))
 
     def _round(self, capacity: int) -> int:
         m = self.MIN_CAPACITY
@@ -267,6 +273,17 @@ class BoundKVCache:
         if not self._ortvalues:
             raise TwophaseError("KV cache is not allocated: run prefill first")
         for past, present, value in zip(self.past_names, self.present_names, self._ortvalues):
+            io_binding.bind_ortvalue_input(past, value)
+            io_binding.bind_ortvalue_output(present, value)
+
+    def bind_row(self, io_binding, row: int) -> None:
+        """Bind one row's slices of the buffers (batch 1) as past and present: a prefill into that row only."""
+        import onnxruntime as ort
+
+        if not 0 <= row < self.batch_size:
+            raise TwophaseError(f"row {row} is outside the cache's batch of {self.batch_size}")
+        for past, present, buf in zip(self.past_names, self.present_names, self._buffers):
+            value = ort.OrtValue.ortvalue_from_numpy(buf[row : row + 1])  # a contiguous view: no copy
             io_binding.bind_ortvalue_input(past, value)
             io_binding.bind_ortvalue_output(present, value)
 
