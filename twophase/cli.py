@@ -1,4 +1,4 @@
-"""The `twophase` command: compile, run, export, diff, inspect.
+"""The `twophase` command: compile, run, eval, serve, serve-config, export, diff, inspect.
 
 The CLI owns all output (the library logs, never prints) and parses options once into the
 compiler's enums and dataclasses.
@@ -81,6 +81,29 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--decode-length", type=int, default=None, help="decode: tokens per window")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
+    p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s (default 256)")
+    p.add_argument("--model-name", default=None, help="model id clients send (default: the artifact's directory name)")
+    p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
+    p.add_argument("--device", default="cpu", help="cpu, or cuda (needs onnxruntime-gpu and a GPU)")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact files")
+
+    p = sub.add_parser("serve-config", help="configuration for serving an artifact with another engine (scale-out)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--target", required=True, help="triton (model repository, ONNX Runtime backend) or ray "
+                                                   "(Ray Serve replicas of `twophase serve`)")
+    p.add_argument("-o", "--output", required=True, type=Path, help="directory to write the configuration into")
+    p.add_argument("--replicas", type=int, default=2, help="ray: replicas (each one `twophase serve`; default 2)")
+    p.add_argument("--cpus-per-replica", type=int, default=2, help="ray: CPUs per replica (default 2)")
+    p.add_argument("--instances", type=int, default=1, help="triton: model instances per phase (default 1)")
+    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per replica (default 8)")
+    p.add_argument("--model-name", default=None, help="model id (default: the artifact's directory name)")
+    p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     p = sub.add_parser("export", help="export a source to the canonical ONNX graph (no passes)")
     p.add_argument("source")
@@ -220,6 +243,47 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from twophase.runtime.engine import Engine
+
+    try:
+        from twophase.serve.app import create_app
+        from twophase.serve.scheduler import Scheduler
+        from twophase.serve.server import listen, run
+    except ImportError as e:
+        raise TwophaseError(f"serving needs the 'serve' extra ({e.name} is not installed): "
+                            "pip install 'twophase[serve]'") from None
+    if not 0 <= args.port <= 65535:
+        raise TwophaseError(f"--port must be in [0, 65535], got {args.port}")
+    engine = Engine.load(args.artifact, threads=args.threads, device=args.device, verify=not args.no_verify)
+    scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
+    name = args.model_name or args.artifact.resolve().name
+    app = create_app(scheduler, name)
+    sock = listen(args.host, args.port)
+    host, port = sock.getsockname()[:2]
+    host = f"[{host}]" if ":" in host else host
+    binding = "bound KV cache" if engine.bound else "grow KV cache: one request at a time"
+    print(f"serving {name!r} ({binding}, max batch {scheduler.max_batch}, context {engine.max_len}) "
+          f"at http://{host}:{port}/v1", file=sys.stderr, flush=True)
+    level = {0: "warning", 1: "info"}.get(args.verbose, "debug")
+    run(app, sock, log_level=level)
+    return 0
+
+
+def cmd_serve_config(args: argparse.Namespace) -> int:
+    from twophase.serve.scaleout import ScaleOutTarget, write_serve_config
+
+    target = _enum_value(ScaleOutTarget, args.target, "--target")
+    out = write_serve_config(
+        args.artifact, args.output, target,
+        model_name=args.model_name, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
+        instances=args.instances, max_batch=args.max_batch, overwrite=args.force,
+    )
+    for path in out:
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from twophase.compiler.evaluate import evaluate_artifact
 
@@ -273,6 +337,8 @@ COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
     "eval": cmd_eval,
+    "serve": cmd_serve,
+    "serve-config": cmd_serve_config,
     "export": cmd_export,
     "diff": cmd_diff,
     "inspect": cmd_inspect,

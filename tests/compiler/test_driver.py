@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import onnx
 import pytest
 
@@ -103,3 +104,36 @@ def test_max_len_recorded_and_checked(tmp_path, tiny_hf_dir):
     with pytest.raises(UnsupportedModelError, match="max_position_embeddings"):
         compile_model(str(hf), tmp_path / "art2", CompileOptions(max_len=10_000))
     assert not (tmp_path / "art2").exists()
+
+
+def test_kv_binding_auto_falls_back_to_grow_with_the_reason(tmp_path, tiny_hf_dir, caplog):
+    import logging
+
+    from twophase.compiler.errors import UnsupportedModelError
+    from twophase.compiler.options import KVBinding, KVDtype
+
+    hf, _ = tiny_hf_dir("gqa")  # head_dim 8: GroupQueryAttention needs a multiple of 16
+    with caplog.at_level(logging.WARNING):
+        art = compile_model(str(hf), tmp_path / "auto", CompileOptions())
+    assert json.loads((art / "manifest.json").read_text())["kv_cache"]["binding"] == "grow"
+    assert "head_dim 8 is not a multiple of 16" in caplog.text
+    for options in (CompileOptions(kv_binding=KVBinding.BOUND), CompileOptions(kv_dtype=KVDtype.INT8)):
+        with pytest.raises(UnsupportedModelError, match="cannot bind the KV cache"):
+            compile_model(str(hf), tmp_path / "x", options)
+    with pytest.raises(UnsupportedModelError, match="int8 KV cache needs the bound binding"):
+        compile_model(str(hf), tmp_path / "x", CompileOptions(kv_binding=KVBinding.GROW, kv_dtype=KVDtype.INT8))
+    assert not (tmp_path / "x").exists()
+
+
+def test_bound_int8_kv_artifact(tmp_path, tiny_hf_dir):
+    from twophase.compiler.options import KVDtype
+    from twophase.runtime.engine import Engine
+
+    hf, _ = tiny_hf_dir("gqa16")
+    art = compile_model(str(hf), tmp_path / "kv8", CompileOptions(kv_dtype=KVDtype.INT8, calibration_windows=1,
+                                                                 calibration_tokens=64))
+    kv = json.loads((art / "manifest.json").read_text())["kv_cache"]
+    assert kv["binding"] == "bound" and kv["dtype"] == "int8" and kv["prefill_chunk"] == 512
+    engine = Engine.load(art)
+    tokens = list(engine.generate_ids([1, 5, 9, 12, 40], max_new_tokens=6))
+    assert len(tokens) == 6 and engine.cache._buffers[0].dtype == np.int8

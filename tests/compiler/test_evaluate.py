@@ -91,6 +91,23 @@ def test_argument_checks(artifact):
         evaluate_artifact(artifact, ids=np.arange(200) + 50, windows=2, length=32, decode_windows=0)
 
 
+def test_bound_artifact_against_its_grow_twin(tmp_path, tiny_hf_dir):
+    """The bound-KV graphs (GroupQueryAttention, full-logits via the GatherND bypass, the runtime's bound
+    decode step) score the same tokens as the grow graphs of the same model."""
+    from twophase.compiler.driver import compile_model
+    from twophase.compiler.options import CompileOptions, KVBinding
+
+    hf, model = tiny_hf_dir("gqa16")
+    bound = compile_model(str(hf), tmp_path / "bound", CompileOptions())
+    grow = compile_model(str(hf), tmp_path / "grow", CompileOptions(kv_binding=KVBinding.GROW))
+    rep = evaluate_artifact(bound, grow, **KW)
+    assert rep.kv_cache == {"binding": "bound", "dtype": "float32"} and "bound binding" in rep.format()
+    for phase in (rep.prefill, rep.decode):
+        assert phase.agreement == 1.0 and phase.dppl_pct == pytest.approx(0.0, abs=1e-3)
+    wins = corpus.eval_windows(corpus.corpus_ids(bound / "tokenizer.json"), 4, 64)
+    assert rep.prefill.ppl == pytest.approx(np.exp(torch_nll(model, wins).mean()), rel=1e-3)
+
+
 # -- the full-logits prefill variant --------------------------------------------------------------
 
 

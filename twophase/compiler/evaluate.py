@@ -92,6 +92,7 @@ class EvalReport:
     threads: int
     prefill: PhaseEval
     decode: PhaseEval | None
+    kv_cache: dict[str, Any] = dataclasses.field(default_factory=dict)  # the artifact's binding and dtype
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,6 +104,7 @@ class EvalReport:
             f"artifact   {self.artifact}",
             f"reference  {self.reference or '(none)'}",
             f"corpus     {c['name']}: {c['tokens']} tokens, sha256 {c['sha256'][:12]}, {self.threads} threads",
+            f"kv cache   {self.kv_cache.get('binding', '?')} binding, {self.kv_cache.get('dtype', '?')}",
             "",
             (
                 f"{'phase':<8} {'scheme':<7} {'windows':>9} {'tokens':>7} {'PPL':>9} {'ref PPL':>9} "
@@ -457,7 +459,8 @@ def evaluate_artifact(
             _compare(decode, scores, sub, dkl)
         log.info("decode scheme: PPL %.4f over %d x %d tokens in %.1f s", decode.ppl, len(dec_idx), Ld, decode.seconds)
 
-    return EvalReport(str(root), str(ref_root) if ref_root else None, corpus_info, threads or 0, prefill, decode)
+    kv = {k: manifest.kv_cache.get(k) for k in ("binding", "dtype")}
+    return EvalReport(str(root), str(ref_root) if ref_root else None, corpus_info, threads or 0, prefill, decode, kv)
 
 
 def _compare(p: PhaseEval, art: _Scores, ref: _Scores, kl: np.ndarray | None) -> None:
