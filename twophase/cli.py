@@ -105,6 +105,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model-name", default=None, help="model id (default: the artifact's directory name)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
+    p = sub.add_parser("bench", help="prefill/decode throughput over batch sizes and contexts, vs fp32, with plots")
+    p.add_argument("artifacts", type=Path, nargs="+", help="artifact directories (include an fp32 one per model)")
+    p.add_argument("-o", "--output", type=Path, default=Path("out/bench"), help="where results.csv/.md and plots go")
+    p.add_argument("--batches", default="1,4,16")
+    p.add_argument("--contexts", default="128,512,2048")
+    p.add_argument("--phases", default="prefill,decode")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--decode-steps", type=int, default=32)
+    p.add_argument("--roofline", action="store_true", help="also measure bandwidth / GEMM peaks and report bounds")
+
     p = sub.add_parser("export", help="export a source to the canonical ONNX graph (no passes)")
     p.add_argument("source")
     p.add_argument("-o", "--output", required=True, type=Path, help="directory to write model.onnx etc. into")
@@ -297,6 +308,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from twophase.bench.report import write_report
+    from twophase.bench.runner import BenchConfig, run_bench
+
+    def ints(text: str, flag: str) -> tuple[int, ...]:
+        try:
+            return tuple(int(t) for t in text.split(",") if t.strip())
+        except ValueError:
+            raise TwophaseError(f"{flag} {text!r} is not a comma-separated list of integers") from None
+
+    config = BenchConfig(
+        batches=ints(args.batches, "--batches"),
+        contexts=ints(args.contexts, "--contexts"),
+        threads=args.threads,
+        reps=args.reps,
+        decode_steps=args.decode_steps,
+        phases=tuple(p for p in args.phases.split(",") if p),
+        roofline=args.roofline,
+    )
+    result = run_bench(args.artifacts, config, progress=lambda msg: print(msg, file=sys.stderr, flush=True))
+    paths = write_report(result, args.output)
+    print((args.output / "results.md").read_text())
+    print(f"wrote {paths['csv']}, {paths['markdown']} and {len(paths['plots'])} plots in {args.output}")
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     import shutil
 
@@ -307,7 +344,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise TwophaseError(f"{args.source} is already ONNX; compile it directly")
     canonical = load_canonical(source)
     args.output.mkdir(parents=True, exist_ok=True)
-    export_dir = canonical.tokenizer_json.parent
+    export_dir = canonical.export_dir
     for f in export_dir.iterdir():
         shutil.copyfile(f, args.output / f.name)
     print(f"wrote {args.output / 'model.onnx'}")
@@ -337,6 +374,7 @@ COMMANDS = {
     "compile": cmd_compile,
     "run": cmd_run,
     "eval": cmd_eval,
+    "bench": cmd_bench,
     "serve": cmd_serve,
     "serve-config": cmd_serve_config,
     "export": cmd_export,

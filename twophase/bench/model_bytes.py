@@ -62,3 +62,27 @@ def graph_bytes(path: str | Path) -> GraphBytes:
 def kv_bytes_per_position(num_layers: int, num_kv_heads: int, head_dim: int, itemsize: int) -> int:
     """K and V of one position of one row, all layers."""
     return 2 * num_layers * num_kv_heads * head_dim * itemsize
+
+
+def matmul_macs(path: str | Path, exclude_n: int | None = None) -> int:
+    """Multiply-adds per token of the graph's weight MatMuls (K * N each): MatMul with a 2-D initializer,
+    MatMulNBits (its K and N), MatMulInteger / MatMulIntegerToFloat / DynamicQuantizeMatMul (their
+    initializer B). `exclude_n` leaves out MatMuls of that width (the lm_head, which prefill runs on the
+    last position only)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    dims = {i.name: tuple(i.dims) for i in model.graph.initializer}
+    total = 0
+    for node in model.graph.node:
+        kn = None
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: a.i for a in node.attribute}
+            kn = (attrs.get("K", 0), attrs.get("N", 0))
+        elif node.op_type in ("MatMul", "MatMulInteger", "MatMulIntegerToFloat", "DynamicQuantizeMatMul"):
+            shape = dims.get(node.input[1]) if len(node.input) > 1 else None
+            if shape is not None and len(shape) == 2:
+                kn = shape
+        if kn is not None and kn[1] != exclude_n:
+            total += int(kn[0]) * int(kn[1])
+    return total

@@ -49,9 +49,9 @@ import onnxruntime as ort
 from twophase.compiler import corpus
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
 from twophase.compiler.manifest import Manifest
+from twophase.passes.split_phases import find_last_position_slice
 from twophase.runtime.artifact import load_manifest, max_context, resolve, tokenizer_paths
 from twophase.runtime.backend_ort import BoundDecodeStep, GraphOptLevel, OrtPhase, session_options
-from twophase.passes.split_phases import find_last_position_slice
 from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, BoundKVCache
 
 log = logging.getLogger(__name__)

@@ -60,7 +60,8 @@ def facts_from_config(config: Any, generation_config: Any = None) -> ModelFacts:
 
 
 def load_causal_lm(path: str | Path, gguf_file: str | None = None):
-    """Load an fp32 causal LM and its tokenizer from an HF directory (or a GGUF file inside `path`).
+    """Load an fp32 causal LM and its tokenizer (None for a directory without one) from an HF directory
+    (or a GGUF file inside `path`).
 
     A GGUF checkpoint is dequantized to fp32 by transformers; its GGUF quantizer is detached so the
     model behaves like any fp32 model afterwards.
@@ -74,7 +75,8 @@ def load_causal_lm(path: str | Path, gguf_file: str | None = None):
     facts_from_config(config)  # refuse unsupported architectures before loading weights
     log.info("loading %s%s", path, f" ({gguf_file})" if gguf_file else "")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    has_tokenizer = gguf_file or any((Path(path) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs) if has_tokenizer else None  # None: token ids only
     model.eval()
     if gguf_file:
         model.hf_quantizer = None

@@ -56,6 +56,7 @@ class CanonicalModel:
     tokenizer_json: Path | None = None  # None: the artifact takes token ids only
     chat_template: str | None = None
     special_tokens: dict[str, str] = dataclasses.field(default_factory=dict)
+    export_dir: Path | None = None  # the cached export (model.onnx + tokenizer files), for exported sources
 
 
 def resolve_source(spec: str) -> Source:
@@ -76,6 +77,10 @@ def resolve_source(spec: str) -> Source:
         raise UnknownSourceError(f"{path}: unknown kind of model file (expected a directory, .gguf or .onnx)")
     if spec in zoo.ZOO:
         return Source(SourceKind.ZOO, spec, None)
+    from twophase.models import synthetic
+
+    if synthetic.is_synthetic(spec):  # a random-weight model of a real shape (speed measurements only)
+        return Source(SourceKind.HF_DIR, spec, synthetic.materialize(spec))
     if spec.endswith((".gguf", ".onnx")) or os.sep in spec:
         raise UnknownSourceError(f"{spec}: no such file or directory")
     zoo.lookup(spec)  # raises with the list of known names
@@ -144,7 +149,7 @@ def _export_to(export_dir: Path, checkpoint: Path, gguf_file: str | None) -> Non
     tmp = Path(tempfile.mkdtemp(dir=export_dir.parent, prefix=export_dir.name + ".tmp-"))
     try:
         export_canonical(model, facts, tmp / "model.onnx")
-        tok_entry = save_tokenizer_files(tokenizer, tmp)
+        tok_entry = save_tokenizer_files(tokenizer, tmp) if tokenizer is not None else None
         (tmp / "bundle.json").write_text(json.dumps({"facts": facts.to_dict(), "tokenizer": tok_entry}, indent=2))
         if export_dir.exists():
             shutil.rmtree(export_dir)
@@ -158,15 +163,16 @@ def _load_bundle(export_dir: Path, src_entry: dict[str, Any]) -> CanonicalModel:
     import onnx_ir as ir
 
     bundle = json.loads((export_dir / "bundle.json").read_text())
-    tok = bundle["tokenizer"]
+    tok = bundle["tokenizer"] or {}  # None: a checkpoint without a tokenizer (token ids only)
     template = tok.get("chat_template_file")
     return CanonicalModel(
         model=ir.load(export_dir / "model.onnx"),
         facts=ModelFacts.from_dict(bundle["facts"]),
         source=src_entry,
-        tokenizer_json=export_dir / tok["file"],
+        tokenizer_json=export_dir / tok["file"] if tok else None,
         chat_template=(export_dir / template).read_text() if template else None,
         special_tokens=tok.get("special_tokens", {}),
+        export_dir=export_dir,
     )
 
 

@@ -64,8 +64,9 @@ def lookup(name: str) -> ZooEntry:
         return ZOO[name]
     except KeyError:
         raise UnknownSourceError(
-            f"{name!r} is not a model in the zoo (known: {', '.join(sorted(ZOO))}) "
-            "nor an existing path to a Hugging Face directory, a .gguf or an .onnx file"
+            f"{name!r} is not a model in the zoo (known: {', '.join(sorted(ZOO))}), nor a random-weight model "
+            "for speed measurements (random-llama-0.5b, random-llama-1b), nor an existing path to a Hugging Face "
+            "directory, a .gguf or an .onnx file"
         ) from None
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import logging
 from collections.abc import AsyncIterator
@@ -105,7 +106,8 @@ def create_app(scheduler: Scheduler, model_id: str) -> FastAPI:
     async def health() -> JSONResponse:
         ok = scheduler.alive
         body = {"status": "ok" if ok else "stopped", "model": model_id, "running": scheduler.running,
-                "waiting": scheduler.waiting, "max_batch": scheduler.max_batch}
+                "waiting": scheduler.waiting, "max_batch": scheduler.max_batch,
+                **dataclasses.asdict(scheduler.stats)}
         return JSONResponse(body, status_code=200 if ok else 503)
 
     @app.get("/v1/models")

@@ -27,6 +27,7 @@ import dataclasses
 import enum
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -129,6 +130,9 @@ class SchedulerStats:
     decode_steps: int = 0
     decode_rows: int = 0  # running rows summed over decode steps (mean batch = decode_rows / decode_steps)
     peak_batch: int = 0
+    prefill_s: float = 0.0  # time in the model, per phase
+    decode_s: float = 0.0
+    busy_s: float = 0.0  # time in steps (model + sampling, detokenization, handing out events)
 
 
 class Scheduler:
@@ -241,7 +245,9 @@ class Scheduler:
                             seq.slot = free.pop(0)
                             admit.append(seq)
                 try:
+                    t0 = time.perf_counter()
                     self._step(admit)
+                    self.stats.busy_s += time.perf_counter() - t0
                 except Exception as e:  # an engine failure fails this batch, not the server
                     log.exception("model step failed")
                     hit = {id(s): s for s in admit + self._slots if s is not None}
@@ -266,17 +272,21 @@ class Scheduler:
             self._slots[seq.slot] = seq
             self.stats.admitted += 1
             ids = np.asarray(seq.request.prompt_ids, dtype=np.int64)
+            t0 = time.perf_counter()
             if engine.bound:
                 logits = engine.prefill_slot(seq.slot, ids)[None]  # (1, V); the cache grows as the row does
             else:
                 logits = engine.prefill(ids[None], reserve=seq.request.max_new_tokens)  # (1, V)
+            self.stats.prefill_s += time.perf_counter() - t0
             self._accept(seq, logits)
         rows = [s for s in self._slots if s is not None]
         if not rows:
             return
         active = np.array([s is not None for s in self._slots])  # (B,)
         tokens = np.array([0 if s is None else s.last_token for s in self._slots], dtype=np.int64)  # (B,)
+        t0 = time.perf_counter()
         logits = engine.decode_one_token(tokens, active=active if engine.bound else None)  # (B, V)
+        self.stats.decode_s += time.perf_counter() - t0
         self.stats.decode_steps += 1
         self.stats.decode_rows += len(rows)
         self.stats.peak_batch = max(self.stats.peak_batch, len(rows))
