@@ -47,29 +47,25 @@ def default_models() -> dict[str, Path]:
     return {name: peers_dir() / "genai" / f"smollm2-{name}" for name in ("int4", "fp32")}
 
 
-class GenaiPeer:
-    """One onnxruntime-genai model loaded in a worker process (the genai venv's python)."""
+class WorkerPeer:
+    """A peer engine in a worker process under its own venv's python, answering JSON-line requests
+    {"prompt_ids", "new_tokens", ...} with {"prefill_s", "decode_s", "decode_steps", "tokens"}."""
 
-    def __init__(self, python: str | Path, model_dir: str | Path, threads: int) -> None:
-        python, model_dir = Path(python), Path(model_dir)
+    def __init__(self, python: str | Path, worker: Path, args: list[str], threads: int) -> None:
+        python = Path(python)
         if not python.is_file():
-            raise PeerMissingError(f"no python at {python}: create the genai venv as {RECIPE} says (step 1)")
-        if not (model_dir / "genai_config.json").is_file():
-            raise PeerMissingError(
-                f"{model_dir} is not a genai model dir (no genai_config.json): build it with "
-                f"onnxruntime_genai.models.builder as {RECIPE} says (steps 2-3)"
-            )
-        self.model_dir = model_dir
+            raise PeerMissingError(f"no python at {python}: create the peer's venv as {RECIPE} says")
         self._stderr = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 (lives as long as the worker; close() closes it)
         self._proc = subprocess.Popen(
-            [str(python), str(WORKER), str(model_dir), str(threads)],
+            [str(python), str(worker), *args, str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
             env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
         )
-        self.info = self._read()  # {"ready": true, "genai": version} once the model is loaded
+        self.what = args[0] if args else str(worker)
+        self.info = self._read()  # {"ready": true, <engine>: version} once the model is loaded
 
     def _read(self) -> dict[str, Any]:
         assert self._proc.stdout is not None
@@ -78,18 +74,18 @@ class GenaiPeer:
             self._proc.wait()
             self._stderr.seek(0)
             tail = self._stderr.read()[-2000:]
-            raise RuntimeError(f"genai worker for {self.model_dir} exited ({self._proc.returncode}):\n{tail}")
+            raise RuntimeError(f"peer worker for {self.what} exited ({self._proc.returncode}):\n{tail}")
         return json.loads(line)
 
     def run(self, prompt_ids: list[int], new_tokens: int, ignore_eos: bool = True) -> dict[str, Any]:
-        """Greedy generation: {"prefill_s", "append_s", "decode_s", "decode_steps", "tokens"}."""
+        """Greedy generation: {"prefill_s", "decode_s", "decode_steps", "tokens", ...}."""
         assert self._proc.stdin is not None
         req = {"prompt_ids": [int(i) for i in prompt_ids], "new_tokens": new_tokens, "ignore_eos": ignore_eos}
         self._proc.stdin.write(json.dumps(req) + "\n")
         self._proc.stdin.flush()
         reply = self._read()
         if "error" in reply:
-            raise RuntimeError(f"genai worker for {self.model_dir}: {reply['error']}")
+            raise RuntimeError(f"peer worker for {self.what}: {reply['error']}")
         return reply
 
     def close(self) -> None:
@@ -108,6 +104,20 @@ class GenaiPeer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class GenaiPeer(WorkerPeer):
+    """One onnxruntime-genai model loaded in a worker process (the genai venv's python)."""
+
+    def __init__(self, python: str | Path, model_dir: str | Path, threads: int) -> None:
+        model_dir = Path(model_dir)
+        if not (model_dir / "genai_config.json").is_file():
+            raise PeerMissingError(
+                f"{model_dir} is not a genai model dir (no genai_config.json): build it with "
+                f"onnxruntime_genai.models.builder as {RECIPE} says (steps 2-3)"
+            )
+        self.model_dir = model_dir
+        super().__init__(python, WORKER, [str(model_dir)], threads)
 
 
 def prompt_ids(tokenizer_json: Path, n: int) -> list[int]:

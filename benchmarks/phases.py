@@ -8,8 +8,8 @@ medians, with ratios to the first artifact (the baseline, e.g. fp32) measured in
 
 Engines: each --artifact (twophase; e.g. one per scheme, or "before/after" builds such as
 `--kv-cache grow --no-fusions` vs the default), transformers eager fp32 (unless --no-transformers),
-and onnxruntime-genai builds given with --genai LABEL=DIR (run in their own venv through
-benchmarks/peers_genai.py; recipe in benchmarks/PEERS.md). All get the same token ids.
+onnxruntime-genai builds given with --genai LABEL=DIR and llama.cpp on a GGUF with --llamacpp (each in its own
+venv, driven through a worker process; recipe in benchmarks/PEERS.md). All get the same token ids.
 
 Prompts are real text (CPython's pydoc_data/topics.py) cut to exactly N tokens. Prefill: one forward
 over the N-token prompt. Decode: tokens/s over --decode-steps greedy steps after a 128-token prompt
@@ -119,6 +119,24 @@ class GenaiRunner:
         return reply["decode_s"] * steps / reply["decode_steps"]
 
 
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python in its own venv (benchmarks/peer_llamacpp_worker.py)."""
+
+    def __init__(self, gguf: Path, threads: int, python: Path | None = None) -> None:
+        from peers_genai import WorkerPeer, peers_dir
+
+        python = python or peers_dir() / "llamacpp-venv" / "bin" / "python"
+        self.peer = WorkerPeer(python, Path(__file__).with_name("peer_llamacpp_worker.py"), [str(gguf)], threads)
+        self.name = f"llama.cpp {gguf.name} (llama-cpp-python {self.peer.info.get('llama_cpp', '?')})"
+
+    def prefill(self, ids: list[int]) -> float:
+        return self.peer.run(ids, 1)["prefill_s"]
+
+    def decode(self, ids: list[int], steps: int) -> float:
+        reply = self.peer.run(ids, steps + 1)
+        return reply["decode_s"] * steps / reply["decode_steps"]
+
+
 def decode_graph_bytes(runner) -> tuple[int, int] | None:
     """(weight bytes a decode step streams, K/V bytes per cached position) of a runner, if it has an ONNX graph."""
     from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position
@@ -156,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="compiled artifact (repeatable; default: out/MODEL, compiled if absent)")
     p.add_argument("--genai", action="append", default=[], metavar="LABEL=DIR",
                    help="an onnxruntime-genai model dir to run beside (repeatable)")
+    p.add_argument("--llamacpp", type=Path, default=None, metavar="GGUF",
+                   help="run llama.cpp (llama-cpp-python in $TWOPHASE_PEERS_DIR/llamacpp-venv) on this GGUF")
     p.add_argument("--no-transformers", action="store_true", help="skip transformers eager fp32")
     p.add_argument("--roofline", action="store_true", help="measure bandwidth and report the decode roofline")
     p.add_argument("--batches", default="", help="decode batch sizes for the twophase artifacts, e.g. 1,4,16")
@@ -180,6 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.genai:
         label, _, path = spec.partition("=")
         runners.append(GenaiRunner(label, Path(path), args.threads))
+    if args.llamacpp is not None:
+        runners.append(LlamaCppRunner(args.llamacpp, args.threads))
     hf = None
     if not args.no_transformers:
         hf = TransformersRunner(args.model, args.threads)
@@ -264,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                      for b in batches]
             print(f"| {r.name} | " + " | ".join(cells) + " |")
     for r in runners:
-        if isinstance(r, GenaiRunner):
+        if isinstance(r, (GenaiRunner, LlamaCppRunner)):
             r.peer.close()
     return 0
 
