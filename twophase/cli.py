@@ -95,14 +95,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve-config", help="configuration for serving an artifact with another engine (scale-out)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--target", required=True, help="triton (model repository, ONNX Runtime backend) or ray "
-                                                   "(Ray Serve replicas of `twophase serve`)")
+    p.add_argument("--target", default="triton",
+                   help="triton: a Triton Inference Server model repository (ONNX Runtime backend per phase, "
+                        "a Python-backend model for the loop; needs a --kv-cache grow artifact)")
     p.add_argument("-o", "--output", required=True, type=Path, help="directory to write the configuration into")
-    p.add_argument("--replicas", type=int, default=2, help="ray: replicas (each one `twophase serve`; default 2)")
-    p.add_argument("--cpus-per-replica", type=int, default=2, help="ray: CPUs per replica (default 2)")
-    p.add_argument("--instances", type=int, default=1, help="triton: model instances per phase (default 1)")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together per replica (default 8)")
-    p.add_argument("--model-name", default=None, help="model id (default: the artifact's directory name)")
+    p.add_argument("--instances", type=int, default=1, help="model instances per model (default 1)")
+    p.add_argument("--model-name", default=None, help="model name (default: the artifact's directory name)")
     p.add_argument("--force", action="store_true", help="replace an existing output directory")
 
     p = sub.add_parser("bench", help="prefill/decode throughput over batch sizes and contexts, vs fp32, with plots")
@@ -285,11 +283,8 @@ def cmd_serve_config(args: argparse.Namespace) -> int:
     from twophase.serve.scaleout import ScaleOutTarget, write_serve_config
 
     target = _enum_value(ScaleOutTarget, args.target, "--target")
-    out = write_serve_config(
-        args.artifact, args.output, target,
-        model_name=args.model_name, replicas=args.replicas, cpus_per_replica=args.cpus_per_replica,
-        instances=args.instances, max_batch=args.max_batch, overwrite=args.force,
-    )
+    out = write_serve_config(args.artifact, args.output, target, model_name=args.model_name,
+                             instances=args.instances, overwrite=args.force)
     for path in out:
         print(f"wrote {path}")
     return 0

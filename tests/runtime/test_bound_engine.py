@@ -181,3 +181,18 @@ def test_slots_join_and_leave_between_decode_steps(artifacts):
     assert engine.cache.lengths.tolist() == [len(PROMPTS[0]) + 7, len(PROMPTS[1]) + 7, 0]
     with pytest.raises(Exception, match="slot 5"):
         engine.prefill_slot(5, [1, 2])
+
+
+def test_idle_tail_rows_are_not_computed(artifacts):
+    """A step runs only up to the last active row (the cache is batch-major: a contiguous view)."""
+    engine = Engine.load(artifacts("gqa16")[0])
+    engine.start_slots(batch=4, capacity=16)
+    first = engine.prefill_slot(0, PROMPTS[0], reserve=4)
+    tok = np.array([int(first.argmax()), 0, 0, 0])
+    logits = engine.decode_one_token(tok, active=np.array([True, False, False, False]))
+    assert sorted(engine._decode_steps) == [1] and engine._decode_steps[1].rows == 1
+    assert not logits[1:].any()  # rows past the last active one were not run
+    alone = Engine.load(artifacts("gqa16")[0])
+    ref = alone.decode_one_token(np.array([int(alone.prefill(np.array([PROMPTS[0]])).argmax())]))
+    np.testing.assert_allclose(logits[0], ref[0], atol=1e-4, rtol=1e-4)
+    assert engine.cache.lengths.tolist() == [len(PROMPTS[0]) + 1, 0, 0, 0]

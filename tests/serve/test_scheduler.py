@@ -120,7 +120,7 @@ def test_cancel_frees_the_slot(scheduler):
         ticket = scheduler.submit(request(scheduler.engine, "abc", 400), c)
         assert wait_until(lambda: scheduler.running == 1)
         ticket.cancel()
-        text, end = c.result()
+        _, end = c.result()
         assert end.reason is FinishReason.CANCELLED and end.completion_tokens < 400
         assert scheduler.running == 0
 
@@ -186,3 +186,26 @@ def test_scheduler_needs_a_tokenizer(serve_artifact):
     engine = Engine.load(serve_artifact("bound"))
     with pytest.raises(TwophaseError, match="at least 1"):
         Scheduler(engine, max_batch=0)
+
+
+def test_prefill_budget_spreads_a_burst_over_steps(serve_artifact):
+    """With a budget of one prompt per step, the first request decodes before the next is prefilled."""
+    order = []
+
+    def log(i):
+        return lambda ev: order.append(i)
+
+    prompts = ["hello there", "abc", "the quick brown fox", "q"]
+    for budget, spread in ((1, True), (10_000, False)):
+        s = Scheduler(Engine.load(serve_artifact("bound")), max_batch=4, prefill_budget=budget)
+        order.clear()
+        for i, p in enumerate(prompts):  # queued before the loop starts: one burst
+            s.submit(request(s.engine, p, 6), log(i))
+        s.start()
+        try:
+            assert wait_until(lambda: s.stats.finished == 4)
+        finally:
+            s.close()
+        first_of_second = order.index(1)
+        assert (order[:first_of_second].count(0) >= 2) is spread, order
+        assert s.stats.admitted == 4

@@ -22,7 +22,7 @@ def client(server) -> openai.OpenAI:
 
 
 def test_models_and_health(server):
-    srv, scheduler = server
+    srv, _ = server
     models = client(srv).models.list()
     assert [m.id for m in models.data] == [MODEL]
     health = httpx.get(srv.url + "/health").json()

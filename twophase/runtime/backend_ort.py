@@ -156,11 +156,13 @@ class BoundDecodeStep:
 
     The small inputs live in numpy arrays that the step overwrites in place and the logits land in a
     preallocated buffer, so a step makes no allocation and no binding call: it writes B token ids and
-    lengths, runs, and copies the (B, V) logits out. Valid for one cache allocation (`cache.version`).
+    lengths, runs, and copies the (B, V) logits out. Valid for one cache allocation (`cache.version`);
+    `rows` binds only the cache's first rows (a batch whose tail is idle).
     """
 
-    def __init__(self, phase: OrtPhase, cache: Any, vocab_size: int) -> None:
-        B = cache.batch_size
+    def __init__(self, phase: OrtPhase, cache: Any, vocab_size: int, rows: int | None = None) -> None:
+        B = rows or cache.batch_size  # the first B rows of the cache
+        self.rows = B
         self.phase = phase
         self.version = cache.version
         self.input_ids = np.zeros((B, 1), dtype=np.int64)
@@ -178,7 +180,7 @@ class BoundDecodeStep:
         value = ort.OrtValue.ortvalue_from_numpy(self.logits)
         self._values.append(value)
         self.io.bind_ortvalue_output("logits", value)
-        cache.bind(self.io)
+        cache.bind(self.io, rows=B)
 
     def run(self, tokens: np.ndarray, lengths_after: np.ndarray, query_lens: np.ndarray) -> np.ndarray:
         """One step: tokens (B,), each row's cache length after the step (B,), tokens added per row (B,)."""

@@ -61,7 +61,7 @@ class Engine:
         self.bound = isinstance(self.cache, BoundKVCache)
         # a bound prompt runs in steps of at most this many tokens (bounded activation memory)
         self.prefill_chunk: int = kv.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK
-        self._decode_step: BoundDecodeStep | None = None  # bound decode I/O, rebuilt per cache allocation
+        self._decode_steps: dict[int, BoundDecodeStep] = {}  # bound decode I/O per row count, per cache allocation
         self._all_rows = np.ones(0, dtype=np.int64)
         gen = manifest.generation
         self.eos_token_ids: tuple[int, ...] = tuple(gen.get("eos_token_ids") or self.facts.eos_token_ids)
@@ -211,16 +211,26 @@ class Engine:
             raise TwophaseError(f"decode_one_token got {ids.shape[0]} tokens for a cache of batch {cache.batch_size}")
         if self.bound:
             cache.reserve(1)
-            step = self._decode_step
-            if step is None or step.version != cache.version:
-                step = self._decode_step = BoundDecodeStep(self.decode_phase, cache, self.facts.vocab_size)
-                self._all_rows = np.ones(cache.batch_size, dtype=np.int64)
+            if self._decode_steps and next(iter(self._decode_steps.values())).version != cache.version:
+                self._decode_steps.clear()
+            B = cache.batch_size
+            if len(self._all_rows) != B:
+                self._all_rows = np.ones(B, dtype=np.int64)
             q = self._all_rows if active is None else np.asarray(active, dtype=np.int64)
-            if q.shape != (cache.batch_size,):
-                raise TwophaseError(f"active has shape {q.shape}, expected ({cache.batch_size},)")
-            logits = step.run(ids[:, 0], cache.lengths + q, q)
+            if q.shape != (B,):
+                raise TwophaseError(f"active has shape {q.shape}, expected ({B},)")
+            # Run only up to the last active row: an idle tail costs nothing (rows are batch-major).
+            n = B if active is None else int(np.flatnonzero(q)[-1]) + 1 if q.any() else 1
+            step = self._decode_steps.get(n)
+            if step is None:
+                step = self._decode_steps[n] = BoundDecodeStep(self.decode_phase, cache, self.facts.vocab_size, n)
+            logits = step.run(ids[:n, 0], cache.lengths[:n] + q[:n], q[:n])
             cache.advance(q)
-            return logits
+            if n == B:
+                return logits
+            out = np.zeros((B, logits.shape[1]), dtype=logits.dtype)
+            out[:n] = logits
+            return out
         feeds = cache.feeds()
         feeds["input_ids"] = ids
         feeds["attention_mask"] = cache.next_attention_mask()  # (B, T+1)

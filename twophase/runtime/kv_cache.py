@@ -22,7 +22,7 @@ row stored compactly from position 0 with its own length, so nothing per token s
     step_inputs(query_lens)      {seqlens_k, total_sequence_length, query_seqlens} for a step that adds
                                  query_lens[b] tokens to row b (0 = row idle)
     advance(query_lens)          record that the step ran
-    bind(io_binding)             bind every buffer as past and present
+    bind(io_binding, rows=None)  bind every buffer (or its first rows) as past and present
     bind_row(io_binding, row)    bind one row's slices (a prefill into that row while others wait)
     lengths, batch_size, capacity, max_len
 """
@@ -268,11 +268,18 @@ class BoundKVCache:
     def advance(self, query_lens: np.ndarray) -> None:
         self.lengths += np.asarray(query_lens, dtype=np.int64)
 
-    def bind(self, io_binding) -> None:
-        """Bind every buffer as both its past input and its present output."""
+    def bind(self, io_binding, rows: int | None = None) -> None:
+        """Bind every buffer as both its past input and its present output; `rows`: only the first rows
+        (a contiguous view), so a step over a partly idle batch does not compute the idle tail."""
+        import onnxruntime as ort
+
         if not self._ortvalues:
             raise TwophaseError("KV cache is not allocated: run prefill first")
-        for past, present, value in zip(self.past_names, self.present_names, self._ortvalues):
+        if rows is None or rows == self.batch_size:
+            values = self._ortvalues
+        else:
+            values = [ort.OrtValue.ortvalue_from_numpy(b[:rows]) for b in self._buffers]
+        for past, present, value in zip(self.past_names, self.present_names, values):
             io_binding.bind_ortvalue_input(past, value)
             io_binding.bind_ortvalue_output(present, value)
 

@@ -15,6 +15,7 @@ request, which frees its slot before the next decode step.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import json
@@ -61,8 +62,20 @@ class EventQueue:
         self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
 
     async def __aiter__(self) -> AsyncIterator[Event]:
+        """The events until Finished or Failed. Text that piled up while the consumer was busy (a slow client,
+        a busy loop) comes as one TextDelta, so a lagging stream catches up in one chunk."""
+        pending: collections.deque[Event] = collections.deque()
         while True:
-            event = await self._queue.get()
+            if not pending:
+                pending.append(await self._queue.get())
+            while not self._queue.empty():
+                pending.append(self._queue.get_nowait())
+            event = pending.popleft()
+            if isinstance(event, TextDelta) and pending and isinstance(pending[0], TextDelta):
+                parts = [event.text]
+                while pending and isinstance(pending[0], TextDelta):
+                    parts.append(pending.popleft().text)
+                event = TextDelta("".join(parts))
             yield event
             if isinstance(event, (Finished, Failed)):
                 return

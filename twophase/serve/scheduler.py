@@ -8,7 +8,8 @@
 
 Each turn of the loop (on the scheduler thread):
   1. retire rows whose request was cancelled (the client went away);
-  2. admit waiting requests into free slots: `Engine.prefill_slot`, then sample the first token;
+  2. admit waiting requests into free slots (up to `prefill_budget` prompt tokens per turn, so a burst of
+     arrivals does not stall the running rows for long): `Engine.prefill_slot`, then sample the first token;
   3. one batched `Engine.decode_one_token` over the running rows (free slots masked idle);
   4. per row: sample with the request's own Sampler, detokenize incrementally, match stop strings,
      send the text delta, retire the row when it stops.
@@ -41,6 +42,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BATCH = 8
 DEFAULT_MAX_QUEUE = 256
+DEFAULT_PREFILL_BUDGET = 512  # prompt tokens prefilled per step before the running rows decode again
 INITIAL_CAPACITY = 256  # cache positions per slot at start; the bound cache doubles as rows grow
 
 
@@ -58,7 +60,7 @@ class GenerationRequest:
 
     prompt_ids: tuple[int, ...]
     max_new_tokens: int
-    params: SamplingParams = SamplingParams()
+    params: SamplingParams = dataclasses.field(default_factory=SamplingParams)
     stop: tuple[str, ...] = ()  # stop strings: the text ends right before the first one found
 
 
@@ -138,7 +140,8 @@ class SchedulerStats:
 class Scheduler:
     """Waiting queue + running slots over one Engine; all model work on one thread (module doc)."""
 
-    def __init__(self, engine: Engine, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE) -> None:
+    def __init__(self, engine: Engine, *, max_batch: int = DEFAULT_MAX_BATCH, max_queue: int = DEFAULT_MAX_QUEUE,
+                 prefill_budget: int = DEFAULT_PREFILL_BUDGET) -> None:
         if engine.tokenizer is None:
             raise TwophaseError(f"{engine.root}: the artifact ships no tokenizer, so it cannot serve text")
         if max_batch < 1 or max_queue < 1:
@@ -148,6 +151,7 @@ class Scheduler:
             log.warning("%s has the 'grow' KV binding (no slots): serving one request at a time", engine.root)
         self.max_batch = max_batch if engine.bound else 1
         self.max_queue = max_queue
+        self.prefill_budget = prefill_budget  # prompt tokens admitted per step (a longer prompt still goes alone)
         self.stats = SchedulerStats()
         self._stop_ids = frozenset(engine.eos_token_ids)
         self._cond = threading.Condition()
@@ -196,6 +200,8 @@ class Scheduler:
         with self._cond:
             if self._closing:
                 raise SchedulerClosedError("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:  # forget requests whose clients left before their turn
+                self._waiting = collections.deque(s for s in self._waiting if not s.ticket.cancelled)
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"{len(self._waiting)} requests are already waiting (max_queue); retry later")
             self._waiting.append(seq)
@@ -237,13 +243,7 @@ class Scheduler:
                         self._cond.wait()
                     if self._closing:
                         return
-                    free = [i for i, s in enumerate(self._slots) if s is None]
-                    admit = []
-                    while free and self._waiting:
-                        seq = self._waiting.popleft()
-                        if not seq.ticket.cancelled:
-                            seq.slot = free.pop(0)
-                            admit.append(seq)
+                    admit = self._admissible()
                 try:
                     t0 = time.perf_counter()
                     self._step(admit)
@@ -262,6 +262,23 @@ class Scheduler:
                 self._waiting.clear()
             for seq in pending:
                 self._fail(seq, "the server is shutting down")
+
+    def _admissible(self) -> list[_Sequence]:
+        """Waiting requests for the free slots (lowest first), up to prefill_budget prompt tokens (at least one
+        request): a burst of arrivals is prefilled over several steps, between which the running rows decode."""
+        free = [i for i, s in enumerate(self._slots) if s is None]
+        admit: list[_Sequence] = []
+        tokens = 0
+        while free and self._waiting:
+            seq = self._waiting[0]
+            if admit and tokens + len(seq.request.prompt_ids) > self.prefill_budget:
+                break
+            self._waiting.popleft()
+            if not seq.ticket.cancelled:
+                seq.slot = free.pop(0)
+                admit.append(seq)
+                tokens += len(seq.request.prompt_ids)
+        return admit
 
     def _step(self, admit: list[_Sequence]) -> None:
         for seq in self._slots:
