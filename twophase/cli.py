@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 = any free port)")
     p.add_argument("--max-batch", type=int, default=8, help="requests decoded together (default 8)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting for a slot before 503s (default 256)")
+    p.add_argument("--prefill-graph-from-batch", type=int, default=None, metavar="N",
+                   help="decode steps with N or more running requests use the prefill graph (faster at large batch "
+                        "with a w8a8 prefill; those tokens follow the prefill scheme's numerics). Default: never")
     p.add_argument("--model-name", default=None, help="model id clients send (default: the artifact's directory name)")
     p.add_argument("--threads", type=int, default=None, help="intra-op threads (default: ORT's choice)")
     p.add_argument("--device", default="cpu", help="cpu, or cuda (needs onnxruntime-gpu and a GPU)")
@@ -265,6 +268,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise TwophaseError(f"--port must be in [0, 65535], got {args.port}")
     engine = Engine.load(args.artifact, threads=args.threads, device=args.device, verify=not args.no_verify)
+    if args.prefill_graph_from_batch is not None:
+        if args.prefill_graph_from_batch < 1:
+            raise TwophaseError(f"--prefill-graph-from-batch must be >= 1, got {args.prefill_graph_from_batch}")
+        engine.prefill_graph_from_rows = args.prefill_graph_from_batch
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue)
     name = args.model_name or args.artifact.resolve().name
     app = create_app(scheduler, name)

@@ -190,9 +190,21 @@ def test_idle_tail_rows_are_not_computed(artifacts):
     first = engine.prefill_slot(0, PROMPTS[0], reserve=4)
     tok = np.array([int(first.argmax()), 0, 0, 0])
     logits = engine.decode_one_token(tok, active=np.array([True, False, False, False]))
-    assert sorted(engine._decode_steps) == [1] and engine._decode_steps[1].rows == 1
+    assert sorted(engine._decode_steps) == [(1, False)] and engine._decode_steps[(1, False)].rows == 1
     assert not logits[1:].any()  # rows past the last active one were not run
     alone = Engine.load(artifacts("gqa16")[0])
     ref = alone.decode_one_token(np.array([int(alone.prefill(np.array([PROMPTS[0]])).argmax())]))
     np.testing.assert_allclose(logits[0], ref[0], atol=1e-4, rtol=1e-4)
     assert engine.cache.lengths.tolist() == [len(PROMPTS[0]) + 1, 0, 0, 0]
+
+
+def test_large_batches_can_decode_with_the_prefill_graph(artifacts):
+    """Opt-in: steps with many active rows run the prefill graph over the same bound cache (same logits here:
+    this tiny artifact's two phases are both fp32)."""
+    engine = Engine.load(artifacts("gqa16")[0])
+    alone = [list(engine.generate_ids(p, max_new_tokens=6)) for p in PROMPTS]
+    engine.prefill_graph_from_rows = 2
+    calls = engine.prefill_phase.calls
+    assert engine.generate_batch_ids(PROMPTS, max_new_tokens=6) == alone
+    assert engine.prefill_phase.calls - calls >= 1 + 5  # the prompt, then every decode step
+    assert any(uses_prefill for _, uses_prefill in engine._decode_steps)

@@ -61,7 +61,10 @@ class Engine:
         self.bound = isinstance(self.cache, BoundKVCache)
         # a bound prompt runs in steps of at most this many tokens (bounded activation memory)
         self.prefill_chunk: int = kv.get("prefill_chunk") or DEFAULT_PREFILL_CHUNK
-        self._decode_steps: dict[int, BoundDecodeStep] = {}  # bound decode I/O per row count, per cache allocation
+        # bound decode I/O per (row count, graph), rebuilt per cache allocation
+        self._decode_steps: dict[tuple[int, bool], BoundDecodeStep] = {}
+        # bound cache: decode steps with at least this many active rows run the prefill graph (None: never)
+        self.prefill_graph_from_rows: int | None = None
         self._all_rows = np.ones(0, dtype=np.int64)
         gen = manifest.generation
         self.eos_token_ids: tuple[int, ...] = tuple(gen.get("eos_token_ids") or self.facts.eos_token_ids)
@@ -221,9 +224,13 @@ class Engine:
                 raise TwophaseError(f"active has shape {q.shape}, expected ({B},)")
             # Run only up to the last active row: an idle tail costs nothing (rows are batch-major).
             n = B if active is None else int(np.flatnonzero(q)[-1]) + 1 if q.any() else 1
-            step = self._decode_steps.get(n)
+            # At large batch a decode step is compute-bound: the prefill graph (e.g. w8a8 integer GEMMs) can
+            # beat the decode graph's weight-only GEMVs (opt-in: the rows then follow the prefill scheme).
+            use_prefill = self.prefill_graph_from_rows is not None and int(q.sum()) >= self.prefill_graph_from_rows
+            phase = self.prefill_phase if use_prefill else self.decode_phase
+            step = self._decode_steps.get((n, use_prefill))
             if step is None:
-                step = self._decode_steps[n] = BoundDecodeStep(self.decode_phase, cache, self.facts.vocab_size, n)
+                step = self._decode_steps[(n, use_prefill)] = BoundDecodeStep(phase, cache, self.facts.vocab_size, n)
             logits = step.run(ids[:n, 0], cache.lengths[:n] + q[:n], q[:n])
             cache.advance(q)
             if n == B:
