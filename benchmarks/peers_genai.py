@@ -47,11 +47,20 @@ def default_models() -> dict[str, Path]:
     return {name: peers_dir() / "genai" / f"smollm2-{name}" for name in ("int4", "fp32")}
 
 
+def _env(omp_wait_policy: str | None) -> dict[str, str]:
+    """The worker's environment: OMP_WAIT_POLICY set (PASSIVE by default), or removed (None: the library's default)."""
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    if omp_wait_policy is not None:
+        env["OMP_WAIT_POLICY"] = omp_wait_policy
+    return env
+
+
 class WorkerPeer:
     """A peer engine in a worker process under its own venv's python, answering JSON-line requests
     {"prompt_ids", "new_tokens", ...} with {"prefill_s", "decode_s", "decode_steps", "tokens"}."""
 
-    def __init__(self, python: str | Path, worker: Path, args: list[str], threads: int) -> None:
+    def __init__(self, python: str | Path, worker: Path, args: list[str], threads: int,
+                 omp_wait_policy: str | None = "PASSIVE") -> None:
         python = Path(python)
         if not python.is_file():
             raise PeerMissingError(f"no python at {python}: create the peer's venv as {RECIPE} says")
@@ -62,7 +71,7 @@ class WorkerPeer:
             stdout=subprocess.PIPE,
             stderr=self._stderr,
             text=True,
-            env={**os.environ, "OMP_WAIT_POLICY": "PASSIVE"},
+            env=_env(omp_wait_policy),
         )
         self.what = args[0] if args else str(worker)
         self.info = self._read()  # {"ready": true, <engine>: version} once the model is loaded

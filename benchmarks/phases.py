@@ -122,12 +122,15 @@ class GenaiRunner:
 class LlamaCppRunner:
     """llama.cpp through llama-cpp-python in its own venv (benchmarks/peer_llamacpp_worker.py)."""
 
-    def __init__(self, gguf: Path, threads: int, python: Path | None = None) -> None:
+    def __init__(self, gguf: Path, threads: int, omp_wait_policy: str | None = "PASSIVE") -> None:
         from peers_genai import WorkerPeer, peers_dir
 
-        python = python or peers_dir() / "llamacpp-venv" / "bin" / "python"
-        self.peer = WorkerPeer(python, Path(__file__).with_name("peer_llamacpp_worker.py"), [str(gguf)], threads)
-        self.name = f"llama.cpp {gguf.name} (llama-cpp-python {self.peer.info.get('llama_cpp', '?')})"
+        python = peers_dir() / "llamacpp-venv" / "bin" / "python"
+        self.peer = WorkerPeer(python, Path(__file__).with_name("peer_llamacpp_worker.py"), [str(gguf)], threads,
+                               omp_wait_policy)
+        policy = omp_wait_policy or "default"
+        self.name = (f"llama.cpp {gguf.name} (llama-cpp-python {self.peer.info.get('llama_cpp', '?')}, "
+                     f"OMP_WAIT_POLICY {policy})")
 
     def prefill(self, ids: list[int]) -> float:
         return self.peer.run(ids, 1)["prefill_s"]
@@ -201,7 +204,10 @@ def main(argv: list[str] | None = None) -> int:
         label, _, path = spec.partition("=")
         runners.append(GenaiRunner(label, Path(path), args.threads))
     if args.llamacpp is not None:
-        runners.append(LlamaCppRunner(args.llamacpp, args.threads))
+        # OpenMP peers get OMP_WAIT_POLICY=PASSIVE (spin-waiting collapses on a busy 2-core machine); on a quiet
+        # machine passive waits cost llama.cpp's many small per-token ops dearly, so both are measured.
+        runners.append(LlamaCppRunner(args.llamacpp, args.threads, "PASSIVE"))
+        runners.append(LlamaCppRunner(args.llamacpp, args.threads, None))
     hf = None
     if not args.no_transformers:
         hf = TransformersRunner(args.model, args.threads)
