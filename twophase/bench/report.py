@@ -42,6 +42,19 @@ def write_report(result: BenchResult, out_dir: str | Path) -> dict:
     return {"csv": csv_path, "markdown": md_path, "plots": plots}
 
 
+def read_rows(csv_path: str | Path) -> list[BenchRow]:
+    """The rows of a results.csv written by write_report (to re-plot or compare runs)."""
+    ints, floats = {"batch", "context"}, {"tok_s", "tok_s_min", "tok_s_max", "speedup", "bound_tok_s",
+                                           "bytes_per_token", "macs_per_token"}
+    rows = []
+    with open(csv_path) as f:
+        for d in csv.DictReader(f):
+            kw = {k: (int(v) if k in ints else float(v) if k in floats and v != "" else v or None)
+                  for k, v in d.items() if k != "roofline_fraction"}
+            rows.append(BenchRow(**kw))
+    return rows
+
+
 def _fmt(v):
     return f"{v:.4g}" if isinstance(v, float) else ("" if v is None else v)
 
@@ -138,7 +151,7 @@ def _plots(result: BenchResult, out: Path) -> list[Path]:
                 pts = sorted((getattr(r, axis), r.speedup) for r in rows if (r.model, r.artifact) == key)
                 sample = next(r for r in rows if (r.model, r.artifact) == key)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o",
-                        label=f"{key[0]}: {sample.prefill_scheme}/{sample.decode_scheme}")
+                        label=f"{key[1]} ({sample.prefill_scheme}/{sample.decode_scheme})")
             ax.set_xscale("log", base=2)
             ax.set_xticks(sorted({getattr(r, axis) for r in rows}))
             ax.get_xaxis().set_major_formatter(matplotlib.ticker.ScalarFormatter())
