@@ -11,6 +11,8 @@ Compiles what is missing, then runs `twophase bench` twice:
      and batch 1 at contexts 128, 512.
 Artifacts go to out/table/<model>-<scheme>; results (CSV, Markdown, PNG plots) to --out/{smollm2,sizes}.
 `--quick` runs one repetition on a smaller grid (a smoke test, not a measurement).
+Disk: about 25 GB (the 1B model's export, fp32 artifact and random-weight checkpoint are ~4.3 GB each); time:
+about 25 minutes on 2 cores with --reps 2.
 """
 
 from __future__ import annotations
