@@ -7,6 +7,9 @@
     QuantizeActivationsPass  quantize_activations.py  w8a8 QDQ: int8 weights, per-token / static activations
     FuseDequantMatMulPass    fuse_dequant_matmul.py   ORT: DQ+MatMul -> MatMulNBits, DQ+Gather -> GatherBlockQuantized
     FuseInt8MatMulPass       fuse_int8_matmul.py      ORT: w8a8 QDQ -> MatMulIntegerToFloat
+    BindKVCachePass          bind_kv_cache.py         ORT: attention -> GroupQueryAttention over in-place KV buffers
+    FuseSkipNormPass         fuse_skip_norm.py        ORT: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization
+    PackProjectionsPass      pack_projections.py      ORT: q/k/v and gate/up packed into one MatMul each
 
 Names are imported lazily so that importing one pass does not import every other.
 """
@@ -24,6 +27,9 @@ _LAZY = {
     "QuantizeActivationsPass": "twophase.passes.quantize_activations",
     "FuseDequantMatMulPass": "twophase.passes.fuse_dequant_matmul",
     "FuseInt8MatMulPass": "twophase.passes.fuse_int8_matmul",
+    "BindKVCachePass": "twophase.passes.bind_kv_cache",
+    "FuseSkipNormPass": "twophase.passes.fuse_skip_norm",
+    "PackProjectionsPass": "twophase.passes.pack_projections",
 }
 
 __all__ = sorted(_LAZY)
