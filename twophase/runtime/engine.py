@@ -266,9 +266,7 @@ class Engine:
         Everything is validated here, before anything runs; the returned generator does the work.
         """
         t_start = time.perf_counter()
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty,
-                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, tuple(stop_token_ids or ()), seed)
         ids = self._check_request(prompt_ids, max_new_tokens)
         return self._token_loop(ids, params, max_new_tokens, t_start)
 
@@ -290,9 +288,7 @@ class Engine:
         """
         if not prompts:
             raise TwophaseError("generate_batch_ids needs at least one prompt")
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty,
-                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, tuple(stop_token_ids or ()), seed)
         rows = [self._check_request(p, max_new_tokens) for p in prompts]
         B, S = len(rows), max(r.size for r in rows)
         stats = self.stats = GenerationStats(prompt_tokens=sum(int(r.size) for r in rows))
@@ -431,9 +427,7 @@ class Engine:
         stops = list(stop or ())
         if not all(isinstance(s, str) and s for s in stops):
             raise SamplingParamsError(f"stop strings must be non-empty strings, got {stops!r}")
-        params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p,
-                                repetition_penalty=repetition_penalty,
-                                stop_token_ids=tuple(stop_token_ids or ()), seed=seed)
+        params = SamplingParams(temperature, top_k, top_p, repetition_penalty, tuple(stop_token_ids or ()), seed)
         ids = self._check_request(self._prompt_ids(prompt, chat), max_new_tokens)
         tokens = self._token_loop(ids, params, max_new_tokens, t_start)
         pieces = self._text_stream(tokens, stops)

@@ -42,8 +42,8 @@ PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
 
 
-class KVCacheBase(abc.ABC):
-    """Cache state shared by every binding: sizes, the per-row mask and the positions."""
+class CacheLayout(abc.ABC):
+    """What every binding shares: the sizes, the dtype and the graph's past/present tensor names."""
 
     binding: ClassVar[str]
 
@@ -60,8 +60,15 @@ class KVCacheBase(abc.ABC):
         self.reset()
 
     @classmethod
-    def for_model(cls, facts: ModelFacts, max_len: int, dtype: str = "float32") -> KVCacheBase:
+    def for_model(cls, facts: ModelFacts, max_len: int, dtype: str = "float32"):
         return cls(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_len, dtype)
+
+    @abc.abstractmethod
+    def reset(self) -> None: ...
+
+
+class KVCacheBase(CacheLayout):
+    """The grow binding's state: the per-row mask and the positions of left-padded batches."""
 
     def reset(self) -> None:
         self.batch_size = 0
@@ -172,27 +179,11 @@ class KVCache(KVCacheBase):
         return self._kv[2 * i], self._kv[2 * i + 1]
 
 
-class BoundKVCache:
+class BoundKVCache(CacheLayout):
     """"bound" binding: preallocated (B, H, C, D) buffers updated in place by the graph (module doc)."""
 
     binding = "bound"
     MIN_CAPACITY = 64  # positions; capacities are multiples of it
-
-    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_len: int, dtype: str = "float32") -> None:
-        if min(num_layers, num_kv_heads, head_dim, max_len) <= 0:
-            raise TwophaseError("KV cache sizes must be positive")
-        self.num_layers = num_layers
-        self.num_kv_heads = num_kv_heads
-        self.head_dim = head_dim
-        self.max_len = max_len
-        self.dtype = np.dtype(dtype)
-        self.past_names = [f"{PAST_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        self.present_names = [f"{PRESENT_PREFIX}.{i}.{kv}" for i in range(num_layers) for kv in ("key", "value")]
-        self.reset()
-
-    @classmethod
-    def for_model(cls, facts: ModelFacts, max_len: int, dtype: str = "float32") -> BoundKVCache:
-        return cls(facts.num_layers, facts.num_kv_heads, facts.head_dim, max_len, dtype)
 
     def reset(self) -> None:
         self.batch_size = 0
@@ -300,9 +291,7 @@ class BoundKVCache:
         return self._buffers[2 * i][row, :, :n], self._buffers[2 * i + 1][row, :, :n]
 
 
-def make_kv_cache(
-    binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32"
-) -> KVCacheBase | BoundKVCache:
+def make_kv_cache(binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32") -> CacheLayout:
     """The cache class for a manifest's kv_cache.binding."""
     classes: dict[str, type] = {KVCache.binding: KVCache, BoundKVCache.binding: BoundKVCache}
     if binding not in classes:
