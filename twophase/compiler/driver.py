@@ -17,7 +17,8 @@ from twophase.compiler.options import Backend, CompileOptions, KVBinding, KVDtyp
 
 log = logging.getLogger(__name__)
 
-TOOL_PACKAGES = ("twophase", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "transformers", "gguf")
+TOOL_PACKAGES = ("twophase", "onnx", "onnx-ir", "onnxscript", "onnxruntime", "torch", "transformers", "gguf",
+                 "apache-tvm", "apache-tvm-ffi")
 
 # progress(step_name) is called as each step starts; the CLI turns it into a progress bar.
 Progress = Callable[[str], None]
@@ -53,8 +54,11 @@ def compile_model(
         from twophase.compiler.errors import ArtifactError
 
         raise ArtifactError(f"{out_dir} already exists; choose another output directory or pass --force")
-    if options.backend is not Backend.ORT:
-        raise UnsupportedModelError(f"backend {options.backend.value} is not available in this build")
+    target = None
+    if options.backend is Backend.TVM:
+        from twophase.compiler.lower_tvm import host_target
+
+        target = host_target(options.device.value)  # fails early when TVM is missing
 
     t0 = time.perf_counter()
     step("load / export canonical graph")
@@ -78,7 +82,12 @@ def compile_model(
 
     with staging_dir(out_dir, overwrite=overwrite) as tmp:
         step("write graphs and weights")
-        lowered, wstats = write_phase_graphs(phase_models, tmp)
+        if target is not None:
+            from twophase.compiler.lower_tvm import lower_phases
+
+            lowered, wstats = lower_phases(phase_models, tmp, target)
+        else:
+            lowered, wstats = write_phase_graphs(phase_models, tmp)
         tokenizer_entry = None
         if canonical.tokenizer_json is not None:
             shutil.copyfile(canonical.tokenizer_json, tmp / "tokenizer.json")
@@ -100,15 +109,18 @@ def compile_model(
                 "weights": dataclasses.asdict(wstats),
                 "calibration_seconds": round(calibration.seconds, 2),
                 "compile_seconds": round(time.perf_counter() - t0, 2),
+                **({"tvm_build_seconds": {n: lp.compile_seconds for n, lp in lowered.items()}} if target else {}),
             },
         )
         phases = {
             name: PhaseEntry(
-                graph=lp.graph_file,
+                graph=lp.library if target else lp.graph_file,
                 backend=options.backend.value,
                 scheme=options.phase(Phase(name)).scheme.value,
                 inputs=lp.inputs,
                 outputs=lp.outputs,
+                params=lp.params if target else None,
+                target=target,
             )
             for name, lp in lowered.items()
         }

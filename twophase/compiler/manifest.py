@@ -105,15 +105,23 @@ class PhaseEntry:
     scheme: str
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
+    # TVM backend: the weight parameters' index file and the target the library was built for
+    params: str | None = None
+    target: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "graph": self.graph,
             "backend": self.backend,
             "scheme": self.scheme,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
         }
+        if self.params is not None:
+            d["params"] = self.params
+        if self.target is not None:
+            d["target"] = self.target
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PhaseEntry:
@@ -123,6 +131,8 @@ class PhaseEntry:
             d["scheme"],
             tuple(TensorSpec.from_dict(t) for t in d["inputs"]),
             tuple(TensorSpec.from_dict(t) for t in d["outputs"]),
+            d.get("params"),
+            d.get("target"),
         )
 
 

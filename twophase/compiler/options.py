@@ -53,7 +53,8 @@ class KVDtype(enum.Enum):
 
 
 class Backend(enum.Enum):
-    ORT = "ort"
+    ORT = "ort"  # ONNX Runtime sessions over the phase graphs
+    TVM = "tvm"  # Apache TVM Relax executables with twophase's own kernels (compiler/lower_tvm.py)
 
 
 class Device(enum.Enum):

@@ -14,6 +14,11 @@ A pipeline maps the canonical graph to one phase's graph:
                                    optional SmoothQuant)
            then the lm_head (one position in prefill) and the embedding in decode's weight-only format
 
+The TVM target (lower_tvm.py) keeps the QDQ form until its last step:
+
+    SplitPhasesPass -> CleanupPass -> [QuantizeWeightsPass (w8a16, w4a16)] -> BindKVCachePass
+                    -> FuseTVMKernelsPass (twophase.tvm kernels) -> CleanupPass
+
 Passes that need calibration statistics are built just before they run, from the graph at that point
 (`Calibration` computes the statistics once per compile and shares them between phases: the weights
 and activations they describe are the same). Each pass that runs is recorded with its time and its
@@ -224,10 +229,39 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     return steps
 
 
+def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
+    """The TVM target: weight-only QDQ, the bound KV cache, then twophase's own kernels (lower_tvm.py)."""
+    from twophase.passes.bind_kv_cache import BindKVCachePass
+    from twophase.passes.fuse_tvm_kernels import FuseTVMKernelsPass
+
+    po = options.phase(phase)
+    if po.scheme is QuantScheme.W8A8:
+        raise UnsupportedModelError(
+            f"the TVM backend has no w8a8 kernels yet ({phase.value} scheme); use fp32, w8a16 or w4a16"
+        )
+    if options.kv_binding is not KVBinding.BOUND:
+        raise UnsupportedModelError(
+            "the TVM backend needs the bound KV cache (its attention kernel writes the preallocated buffers), "
+            "and this model's attention does not match BindKVCachePass"
+        )
+    if options.kv_dtype is not KVDtype.FLOAT32:
+        raise UnsupportedModelError("the TVM backend has no int8 KV cache; use --kv-dtype float32")
+    steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
+    if po.scheme in WEIGHT_ONLY:
+        from twophase.passes.quantize_weights import QuantizeWeightsPass
+
+        if po.algorithm is WeightAlgorithm.GPTQ and po.scheme is not QuantScheme.W4A16:
+            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
+        steps.append(lambda m: QuantizeWeightsPass.from_options(po, _weight_quantizer(po, calibration)))
+    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(), CleanupPass()]
+    return steps
+
+
 # target name -> function (phase, options, calibration) -> the phase's steps, in order
 PIPELINES: dict[str, Callable[[Phase, CompileOptions, Calibration], list[Step]]] = {
     "ort-cpu": _ort_phase_passes,
     "ort-cuda": _ort_phase_passes,
+    "tvm-cpu": _tvm_phase_passes,
 }
 
 

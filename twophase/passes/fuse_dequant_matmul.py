@@ -124,7 +124,7 @@ def _codes(tensor: ir.TensorProtocol) -> np.ndarray:
     return tensor.numpy()
 
 
-def _read_dequant(value: ir.Value | None, reduce_axis: int) -> _Dequant:
+def read_dequant(value: ir.Value | None, reduce_axis: int) -> _Dequant:
     """The DequantizeLinear producing `value`, normalized to blocks along `reduce_axis` of its 2-D input.
 
     reduce_axis 0: a MatMul weight [K, N]; 1: an embedding table [V, D] (blocks along D). The returned
@@ -176,7 +176,7 @@ def _const_ints(value: ir.Value | None) -> list[int] | None:
     return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
 
 
-def _read_offset(value: ir.Value | None, K: int, N: int, G: int, block: int) -> np.ndarray:
+def read_offset(value: ir.Value | None, K: int, N: int, G: int, block: int) -> np.ndarray:
     """m (G, N) from [Slice(_, 0, K, axis 0)](Reshape(Expand(m[G, 1, N], [G, bs, N]), [G*bs, N]))."""
     node = value.producer() if value is not None else None
     if node is not None and node.op_type == "Slice":
@@ -284,7 +284,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
             )
             offset_value = b if dq_side is a else a
             w = dq_side
-        dq = _read_dequant(w, reduce_axis=0)
+        dq = read_dequant(w, reduce_axis=0)
         if dq.zero_point is not None and offset_value is not None:
             raise NoMatch("both an integer zero point and a float offset")
         K, N = dq.codes.shape
@@ -299,7 +299,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
                 raise NoMatch(f"block_size {block} is not a power of two >= 16 (MatMulNBits)")
         float_zp = m = None
         if offset_value is not None:
-            m = _read_offset(offset_value, K, N, G, block)
+            m = read_offset(offset_value, K, N, G, block)
             correction = self.float_zero_points is FloatZeroPoints.CORRECTION and K % block == 0
             if not correction:
                 if dq.bits == 8:
@@ -328,7 +328,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
         self._slow_8bit += dq.bits == 8 and self.accuracy_level != 4
         fused = ir.Node(MS_DOMAIN, "MatMulNBits", inputs, attrs, name=f"{base}.nbits")
         if m is None:
-            _replace(graph, node, fused)
+            replace_node(graph, node, fused)
             return
         # W = q*s + m = (u - 2^(b-1))*s + m' with u the op's unsigned codes (mid zero point, centered
         # weights: int8 activations at accuracy_level 4 then err as for symmetric int4) and
@@ -347,7 +347,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
         for v in (fused.outputs[0], corr.outputs[0]):
             v.dtype, v.shape = node.outputs[0].dtype, node.outputs[0].shape
         graph.insert_before(node, [fused, corr])
-        _replace(graph, node, total)
+        replace_node(graph, node, total)
         self.applied["offset_correction"] += 1
 
     def _block_sums(self, graph: ir.Graph, before: ir.Node, x: ir.Value, G: int, block: int, cache: dict) -> ir.Value:
@@ -419,7 +419,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
         producer = table.producer() if table is not None else None
         if producer is not None and producer.op_type == "Add":
             raise NoMatch("GatherBlockQuantized has no float zero points; DQ + Add + Gather kept")
-        dq = _read_dequant(table, reduce_axis=1)
+        dq = read_dequant(table, reduce_axis=1)
         D = dq.codes.shape[0]  # codes as W[K=D, N=V]
         if dq.block_size is None:
             block = _covering_block(D)
@@ -441,7 +441,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
         fused = ir.Node(
             MS_DOMAIN, "GatherBlockQuantized", inputs, attrs, name=f"{node.name or node.outputs[0].name}.gbq"
         )
-        _replace(graph, node, fused)
+        replace_node(graph, node, fused)
 
     def _gather_initializers(self, graph: ir.Graph, dq: _Dequant, block: int) -> list[ir.Value | None]:
         """data [V, D] (int4/uint4 as they are, else uint8), scales [V, ceil(D / block)], zero points."""
@@ -504,7 +504,7 @@ def _new_initializer(graph: ir.Graph, name: str, tensor: ir.TensorProtocol) -> i
     return value
 
 
-def _replace(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
+def replace_node(graph: ir.Graph, old: ir.Node, new: ir.Node) -> None:
     """Put `new` where `old` is; its output takes the old output's name, type, shape and uses."""
     out_old, out_new = old.outputs[0], new.outputs[0]
     out_new.dtype, out_new.shape = out_old.dtype, out_old.shape

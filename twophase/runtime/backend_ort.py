@@ -150,6 +150,10 @@ class OrtPhase:
         self.session.run_with_iobinding(io)
         return io.get_outputs()[0].numpy()
 
+    def decode_step(self, cache: Any, vocab_size: int, rows: int | None = None) -> BoundDecodeStep:
+        """A decode step over `cache` (its first `rows`) with every input and output bound once."""
+        return BoundDecodeStep(self, cache, vocab_size, rows)
+
 
 class BoundDecodeStep:
     """A decode step over a bound KV cache with every input and output bound once (ORT I/O binding).

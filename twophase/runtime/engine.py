@@ -92,6 +92,12 @@ class Engine:
         manifest = load_manifest(root, verify=verify)
         check_phase_contract(manifest)
         device = getattr(device, "value", device)  # accept compiler.options.Device too
+        backends = {manifest.phases[name].backend for name in ("prefill", "decode")}
+        if backends == {"tvm"}:
+            phases = _load_tvm_phases(root, manifest, threads, device)
+            tokenizer = Tokenizer.from_artifact(root, manifest)
+            log.info("loaded TVM artifact %s in %.2f s", root, time.perf_counter() - t0)
+            return cls(root, manifest, phases["prefill"], phases["decode"], tokenizer)
         phases = {
             name: OrtPhase(
                 resolve(root, manifest.phases[name].graph),
@@ -230,7 +236,7 @@ class Engine:
             phase = self.prefill_phase if use_prefill else self.decode_phase
             step = self._decode_steps.get((n, use_prefill))
             if step is None:
-                step = self._decode_steps[(n, use_prefill)] = BoundDecodeStep(phase, cache, self.facts.vocab_size, n)
+                step = self._decode_steps[(n, use_prefill)] = phase.decode_step(cache, self.facts.vocab_size, n)
             logits = step.run(ids[:n, 0], cache.lengths[:n] + q[:n], q[:n])
             cache.advance(q)
             if n == B:
@@ -512,6 +518,20 @@ class StopStrings:
             if any(s.startswith(tail) for s in self.stops):
                 return k
         return 0
+
+
+def _load_tvm_phases(root: Path, manifest: Manifest, threads: int | None, device: str) -> dict:
+    from twophase.runtime.backend_tvm import TvmPhase, TvmWeights
+
+    if device != "cpu":
+        raise TwophaseError(f"this artifact was compiled by TVM for the CPU; it cannot run on {device!r}")
+    if manifest.kv_cache.get("binding") != "bound":
+        raise ArtifactError("a TVM artifact needs the bound KV cache; recompile it")
+    weights = TvmWeights(root)  # both phases share one copy of every weight they both read
+    return {
+        name: TvmPhase(root, manifest.phases[name], name=name, threads=threads, weights=weights)
+        for name in ("prefill", "decode")
+    }
 
 
 def check_phase_contract(manifest: Manifest) -> None:

@@ -38,6 +38,8 @@ import numpy as np
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
 from twophase.compiler.manifest import ModelFacts
 
+DLPACK_ALIGN = 64  # bytes: the alignment TVM requires of memory it shares (see aligned_zeros)
+
 PAST_PREFIX = "past_key_values"
 PRESENT_PREFIX = "present"
 
@@ -231,7 +233,7 @@ class BoundKVCache(CacheLayout):
 
         shape = (self.batch_size, self.num_kv_heads, capacity, self.head_dim)
         old, keep = self._buffers, min(self.capacity, capacity)
-        self._buffers = [np.zeros(shape, dtype=self.dtype) for _ in self.past_names]
+        self._buffers = [aligned_zeros(shape, self.dtype) for _ in self.past_names]
         for new, prev in zip(self._buffers, old):
             new[:, :, :keep] = prev[:, :, :keep]
         # CPU OrtValues over the numpy memory: the graph writes straight into self._buffers
@@ -274,6 +276,16 @@ class BoundKVCache(CacheLayout):
             io_binding.bind_ortvalue_input(past, value)
             io_binding.bind_ortvalue_output(present, value)
 
+    def arrays(self, rows: int | None = None, row: int | None = None) -> list[np.ndarray]:
+        """The buffers in past_names order: all rows, the first `rows`, or one `row` (contiguous views)."""
+        if not self._buffers:
+            raise TwophaseError("KV cache is not allocated: run prefill first")
+        if row is not None:
+            if not 0 <= row < self.batch_size:
+                raise TwophaseError(f"row {row} is outside the cache's batch of {self.batch_size}")
+            return [b[row : row + 1] for b in self._buffers]
+        return [b if rows is None else b[:rows] for b in self._buffers]
+
     def bind_row(self, io_binding, row: int) -> None:
         """Bind one row's slices of the buffers (batch 1) as past and present: a prefill into that row only."""
         import onnxruntime as ort
@@ -289,6 +301,15 @@ class BoundKVCache(CacheLayout):
         """(key, value) of layer i for one row, each (H, T_row, D): views into the buffers."""
         n = int(self.lengths[row])
         return self._buffers[2 * i][row, :, :n], self._buffers[2 * i + 1][row, :, :n]
+
+
+def aligned_zeros(shape: tuple[int, ...], dtype) -> np.ndarray:
+    """np.zeros whose data starts at a DLPACK_ALIGN-byte boundary (TVM shares such memory without a copy)."""
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.zeros(nbytes + DLPACK_ALIGN, dtype=np.uint8)
+    start = -raw.ctypes.data % DLPACK_ALIGN
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def make_kv_cache(binding: str, facts: ModelFacts, max_len: int, dtype: str = "float32") -> CacheLayout:

@@ -1,0 +1,181 @@
+"""The TVM lowering: FuseTVMKernelsPass's graph diff and grids, and phase graphs lowered to Relax and run
+in TVM's VM against ONNX Runtime running the same QDQ + GroupQueryAttention graph (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from passes.test_quantize_weights import gguf_gridded, session
+from twophase.compiler.graph_diff import op_histogram
+from twophase.compiler.options import Phase, WeightAlgorithm
+from twophase.passes.bind_kv_cache import BindKVCachePass
+from twophase.passes.cleanup import CleanupPass
+from twophase.passes.fuse_tvm_kernels import TVM_DOMAIN, FuseTVMKernelsPass, _affine
+from twophase.passes.quantize_weights import QuantizeWeightsPass
+from twophase.passes.split_phases import SplitPhasesPass
+
+tvm = pytest.importorskip("tvm")
+
+MAX_LEN = 64
+SCHEMES = {
+    "fp32": None,
+    "int8-per-channel": {"bits": 8, "block_size": None},
+    "int8-b16": {"bits": 8, "block_size": 16},
+    "uint8-per-channel-asym": {"bits": 8, "block_size": None, "symmetric": False},
+    "int4-b32": {"bits": 4, "block_size": 32},
+    "uint4-b16-asym": {"bits": 4, "block_size": 16, "symmetric": False},
+}
+
+
+def bound_graph(canonical_onnx, phase: Phase, scheme: dict | None, name: str = "gqa16", gguf: bool = False) -> ir.Model:
+    model = SplitPhasesPass(phase)(ir.load(canonical_onnx(name))).model
+    model = CleanupPass()(model).model
+    if gguf:
+        model, _ = gguf_gridded(model)
+        model = QuantizeWeightsPass(bits=4, block_size=32, algorithm=WeightAlgorithm.GGUF)(model).model
+    elif scheme is not None:
+        model = QuantizeWeightsPass(**scheme)(model).model
+    return BindKVCachePass(MAX_LEN)(model).model
+
+
+def run_tvm(model: ir.Model, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Lower `model` (FuseTVMKernelsPass applied) with lower_tvm and run it once; the caches are copies."""
+    from tvm import relax
+
+    from twophase.compiler.lower_tvm import graph_for_import, host_target, import_relax, relax_pipeline
+
+    proto, params = graph_for_import(model)
+    target = host_target()["tvm_target"]
+    ex = tvm.compile(import_relax(proto), target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    args = [tvm.runtime.tensor(np.array(feeds[v.name])) for v in model.graph.inputs]
+    args += [tvm.runtime.tensor(a) for _, a in params]
+    out = vm["main"](*args)
+    return [out[i].numpy() for i in range(len(model.graph.outputs))]
+
+
+def bound_feeds(model: ir.Model, lengths: list[int], query: list[int], capacity: int = MAX_LEN) -> dict:
+    """Random caches holding lengths[b] - query[b] past positions; query[b] new tokens per row (right-padded)."""
+    rng = np.random.default_rng(0)
+    B, S = len(lengths), max(max(query), 1)
+    ids = np.zeros((B, S), np.int64)
+    for b, q in enumerate(query):
+        ids[b, :q] = rng.integers(3, 97, q)
+    feeds = {
+        "input_ids": ids,
+        "seqlens_k": np.maximum(np.array(lengths), 1).astype(np.int32) - 1,
+        "total_sequence_length": np.array(max(max(lengths), 1), np.int32),
+        "query_seqlens": np.array(query, np.int32),
+    }
+    for v in model.graph.inputs:
+        if v.name.startswith("past_key_values."):
+            cache = np.zeros((B, v.shape[1], capacity, v.shape[3]), np.float32)
+            for b, (n, q) in enumerate(zip(lengths, query)):
+                cache[b, :, : n - q] = rng.standard_normal((v.shape[1], n - q, v.shape[3]))
+            feeds[v.name] = cache
+    return feeds
+
+
+def assert_matches_ort(qdq: ir.Model, feeds: dict, tmp_path: Path, query: list[int]) -> None:
+    ref = session(qdq, tmp_path / "qdq.onnx").run(None, {k: v.copy() for k, v in feeds.items()})
+    fused = FuseTVMKernelsPass()(qdq.clone()).model
+    out = run_tvm(fused, feeds)
+    names = [v.name for v in qdq.graph.outputs]
+    live = np.array(query) > 0  # an idle row's logits are meaningless
+    for name, a, b in zip(names, out, ref):
+        if name == "logits":
+            a, b = a[live], b[live]
+        np.testing.assert_allclose(a, b, rtol=0, atol=2e-4 * max(1.0, np.abs(b).max()), err_msg=name)
+
+
+# -- the pass -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8-per-channel", "int4-b32"])
+def test_graph_diff(canonical_onnx, scheme: str):
+    """Every weight MatMul becomes QMatMul and the quantized embedding QGather; no DequantizeLinear is left."""
+    model = bound_graph(canonical_onnx, Phase.DECODE, SCHEMES[scheme])
+    n_matmul = op_histogram(model)["MatMul"]
+    p = FuseTVMKernelsPass()
+    p(model)
+    hist = op_histogram(model)
+    want = {"QMatMul": n_matmul} | ({"QGather": 1} if SCHEMES[scheme] else {})
+    assert dict(p.applied) == want
+    assert hist[f"{TVM_DOMAIN}::QMatMul"] == n_matmul and "MatMul" not in hist and "DequantizeLinear" not in hist
+    assert TVM_DOMAIN in model.opset_imports
+    if SCHEMES[scheme] is None:  # a float table stays a plain Gather (TVM's own)
+        assert hist["Gather"] == 1 and any("not produced by DequantizeLinear" in w for w in p.skipped.values())
+
+
+def test_float_offset_table_left_as_qdq(canonical_onnx):
+    model = bound_graph(canonical_onnx, Phase.DECODE, None, gguf=True)
+    p = FuseTVMKernelsPass()
+    p(model)
+    assert "QGather" in p.applied  # the Q8_0 table
+    assert all("table" not in why for why in p.skipped.values())
+
+
+@pytest.mark.parametrize("case", ["int4", "uint4-zp", "int8", "uint8", "uint8-zp", "uint4-offset"])
+def test_affine_grid_is_exact(case: str):
+    """codes * scale + offset equals DequantizeLinear's (codes - zero_point) * scale (+ the float offset)."""
+    rng = np.random.default_rng(1)
+    K, N, bs = 64, 8, 16
+    G = K // bs
+    bits = 8 if "int8" in case else 4
+    signed = not case.startswith("u")
+    lo, hi = (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
+    codes = rng.integers(lo, hi + 1, (K, N)).astype(np.int8 if signed else np.uint8)
+    scale = rng.uniform(0.01, 0.1, (G, N)).astype(np.float32)
+    zp = rng.integers(lo, hi + 1, (G, N)).astype(codes.dtype) if "zp" in case else None
+    m = rng.standard_normal((G, N)).astype(np.float32) if "offset" in case else None
+
+    class DQ:
+        pass
+
+    dq = DQ()
+    dq.codes, dq.bits, dq.signed, dq.scale, dq.zero_point, dq.block_size = codes, bits, signed, scale, zp, bs
+    c, s, o = _affine(dq, m)
+    assert c.dtype == (np.uint8 if bits == 4 else np.int8)
+    if bits == 4:
+        assert c.min() >= 0 and c.max() <= 15
+    rep = lambda a: np.repeat(a, bs, axis=0)  # noqa: E731
+    want = (codes.astype(np.float64) - (0 if zp is None else rep(zp))) * rep(scale) + (0 if m is None else rep(m))
+    got = c.astype(np.float64) * rep(s) + (0 if o is None else rep(o))
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+# -- lowered numerics against ONNX Runtime ---------------------------------------------------------
+
+
+@pytest.mark.parametrize("scheme", sorted(SCHEMES))
+def test_decode_matches_ort(canonical_onnx, tmp_path: Path, scheme: str):
+    """A decode step over 3 rows (cache lengths 5, 1, 9; the middle row idle) equals ORT's: logits and caches."""
+    model = bound_graph(canonical_onnx, Phase.DECODE, SCHEMES[scheme])
+    query = [1, 0, 1]
+    assert_matches_ort(model, bound_feeds(model, [5, 1, 9], query), tmp_path, query)
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int4-b32"])
+def test_prefill_matches_ort(canonical_onnx, tmp_path: Path, scheme: str):
+    """A chunked prefill step: row 0 starts empty with 6 tokens, row 1 has 4 cached and adds 3 (padded)."""
+    model = bound_graph(canonical_onnx, Phase.PREFILL, SCHEMES[scheme])
+    query = [6, 3]
+    assert_matches_ort(model, bound_feeds(model, [6, 7], query), tmp_path, query)
+
+
+def test_gguf_grid_matches_ort(canonical_onnx, tmp_path: Path):
+    """GGUF Q4_0 / Q4_1 (float offsets) / Q8_0 grids through the kernels equal ORT on the QDQ graph."""
+    model = bound_graph(canonical_onnx, Phase.DECODE, None, gguf=True)
+    query = [1, 1]
+    assert_matches_ort(model, bound_feeds(model, [3, 8], query), tmp_path, query)
+
+
+def test_mha_decode_matches_ort(canonical_onnx, tmp_path: Path):
+    model = bound_graph(canonical_onnx, Phase.DECODE, SCHEMES["int4-b32"], name="mha16")
+    query = [1]
+    assert_matches_ort(model, bound_feeds(model, [4], query), tmp_path, query)
+

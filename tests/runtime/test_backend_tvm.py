@@ -1,0 +1,136 @@
+"""The TVM backend end to end: `compile --backend tvm` artifacts load through Engine.load and give the ORT
+backend's logits and tokens for the same scheme (batches, chunked prefill, slots), and bad artifacts or
+options fail with errors that name the problem."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twophase.compiler.driver import compile_model
+from twophase.compiler.errors import ArtifactError, TwophaseError, UnsupportedModelError
+from twophase.compiler.options import Backend, CompileOptions, KVDtype, PhaseOptions, QuantScheme
+from twophase.runtime.engine import Engine
+
+pytest.importorskip("tvm")
+
+W4 = PhaseOptions(QuantScheme.W4A16, accuracy_level=1)  # ORT level 1: float activations, as TVM's kernels
+
+
+@pytest.fixture(scope="module")
+def artifacts(tiny_hf_dir, tmp_path_factory):
+    """{backend: artifact dir} for the tiny gqa16 model, w4a16 prefill and decode."""
+    hf_dir, _ = tiny_hf_dir("gqa16")
+    root = tmp_path_factory.mktemp("tvm-e2e")
+    out = {}
+    for backend in (Backend.TVM, Backend.ORT):
+        out[backend.value] = compile_model(
+            str(hf_dir), root / backend.value, CompileOptions(backend=backend, prefill=W4, decode=W4, max_len=96)
+        )
+    return out
+
+
+@pytest.fixture(scope="module")
+def engines(artifacts):
+    return {name: Engine.load(path, threads=2) for name, path in artifacts.items()}
+
+
+def test_artifact_layout(artifacts):
+    root = artifacts["tvm"]
+    manifest = json.loads((root / "manifest.json").read_text())
+    for phase in ("prefill", "decode"):
+        entry = manifest["phases"][phase]
+        assert entry["backend"] == "tvm" and entry["graph"] == f"{phase}.so" and entry["params"] == f"{phase}.params.json"
+        assert entry["target"]["tvm_target"]["kind"] == "llvm"
+        assert (root / entry["graph"]).is_file()
+    assert manifest["kv_cache"]["binding"] == "bound"
+    assert not list(root.glob("*.onnx"))
+    # both phases read the same w4a16 weights: one copy in weights.bin
+    idx = [json.loads((root / f"{p}.params.json").read_text())["params"] for p in ("prefill", "decode")]
+    assert {e["offset"] for e in idx[0]} == {e["offset"] for e in idx[1]}
+
+
+def test_logits_match_ort(engines):
+    """A left-padded batch of 2 prefilled in chunks of 4, then 5 decode steps: TVM's logits == ORT's."""
+    ids = np.array([[1, 5, 9, 33, 12, 7, 8, 40, 41], [0, 0, 0, 1, 50, 60, 7, 3, 2]])
+    mask = (np.arange(9)[None] >= np.array([[0], [3]])).astype(np.int64)
+    res = {}
+    for name, e in engines.items():
+        e.prefill_chunk = 4
+        out = [e.prefill(ids, mask, reserve=8)]
+        for t in range(5):
+            out.append(e.decode_one_token(np.array([3 + t, 20 + t])))
+        res[name] = np.stack(out)
+    np.testing.assert_allclose(res["tvm"], res["ort"], rtol=0, atol=2e-4 * np.abs(res["ort"]).max())
+
+
+def test_greedy_tokens_match_ort(engines):
+    prompts = [[1, 5, 9], [4, 4, 4, 4, 4, 20], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    tvm_rows = engines["tvm"].generate_batch_ids(prompts, max_new_tokens=12)
+    ort_rows = engines["ort"].generate_batch_ids(prompts, max_new_tokens=12)
+    assert [list(r) for r in tvm_rows] == [list(r) for r in ort_rows]
+    alone = [list(engines["tvm"].generate_batch_ids([p], max_new_tokens=12)[0]) for p in prompts]
+    assert alone == [list(r) for r in tvm_rows]
+
+
+def test_slots_match_ort(engines):
+    """Continuous batching: rows prefilled into slots, decoded together with an idle row."""
+    res = {}
+    for name, e in engines.items():
+        e.start_slots(3, 32)
+        first = [e.prefill_slot(0, [1, 5, 9, 11]), e.prefill_slot(2, [7, 7, 8])]
+        steps = [e.decode_one_token(np.array([3, 0, 4]), active=np.array([True, False, True]))[[0, 2]]]
+        res[name] = np.concatenate([np.stack(first), *steps])
+    np.testing.assert_allclose(res["tvm"], res["ort"], rtol=0, atol=2e-4 * np.abs(res["ort"]).max())
+
+
+def test_bad_token_ids(engines):
+    e = engines["tvm"]
+    with pytest.raises(TwophaseError, match=r"token ids must be in \[0, 97\)"):
+        e.prefill(np.array([[1, 200]]))
+
+
+def test_corrupt_params_index(artifacts, tmp_path: Path):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts["tvm"], bad)
+    (bad / "decode.params.json").write_text("{not json")
+    with pytest.raises(ArtifactError, match="decode.params.json"):
+        Engine.load(bad, verify=False)
+
+
+def test_truncated_weights(artifacts, tmp_path: Path):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts["tvm"], bad)
+    with open(bad / "weights.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(ArtifactError, match="outside weights.bin"):
+        Engine.load(bad, verify=False)
+
+
+def test_missing_cpu_features(artifacts, tmp_path: Path):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifacts["tvm"], bad)
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["phases"]["decode"]["target"]["cpu_flags"].append("avx1024_imaginary")
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="avx1024_imaginary"):
+        Engine.load(bad, verify=False)
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "match"),
+    [
+        ("gqa16", CompileOptions(backend=Backend.TVM, prefill=PhaseOptions(QuantScheme.W8A8)), "no w8a8 kernels"),
+        ("gqa16", CompileOptions(backend=Backend.TVM, kv_dtype=KVDtype.INT8), "int8 KV cache"),
+        ("gqa", CompileOptions(backend=Backend.TVM), "bound KV cache"),  # head_dim 12: no GQA binding
+    ],
+)
+def test_unsupported_options(tiny_hf_dir, tmp_path: Path, name, options, match):
+    hf_dir, _ = tiny_hf_dir(name)
+    with pytest.raises(UnsupportedModelError, match=match):
+        compile_model(str(hf_dir), tmp_path / "out", options)
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,328 @@
+"""Lowering to Apache TVM: each phase graph -> a Relax VM executable (`{phase}.so`) + shared weights.
+
+The phase graphs arrive from the TVM pipeline in standard ops plus two kinds of nodes TVM's ONNX
+importer does not know, which this module converts itself:
+
+    twophase.tvm.QMatMul / QGather   (FuseTVMKernelsPass) -> R.call_tir to the scheduled kernels of
+                                      twophase/kernels/tir (dequantize inside the matmul, weights stay
+                                      4- or 8-bit in memory)
+    com.microsoft.GroupQueryAttention (BindKVCachePass)    -> R.call_tir_inplace to the attention kernel,
+                                      which writes the new K/V rows straight into the bound cache buffers
+
+Shapes stay symbolic (batch, sequence, cache capacity): the graphs have no shape arithmetic left once
+attention is one node, so one executable serves every batch size and prompt length. Weights (every
+initializer of at least SIZE_THRESHOLD bytes) become trailing function parameters instead of
+constants, are written once to `weights.bin` (shared by the phases, content-addressed as for ORT)
+and indexed per phase in `{phase}.params.json`; the .so holds code and small constants only.
+
+Relax pipeline (`relax_pipeline`): the CPU backend's library dispatch and legalization (LegalizeOps,
+AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR: the elementwise chains and RMSNorm around the
+kernels fuse into single loops), dataflow lowering and memory planning. The kernels are marked
+scheduled and opaque, so fusion leaves them whole.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import operator
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from twophase.compiler.errors import PassError, UnsupportedModelError
+from twophase.compiler.lower_ort import PAGE, SMALL_ALIGN, WEIGHTS_FILE, WeightsStats, tensor_spec
+from twophase.compiler.manifest import TensorSpec
+
+log = logging.getLogger(__name__)
+
+SIZE_THRESHOLD = 1024  # bytes: larger initializers are function parameters (weights.bin), smaller constants
+
+
+def require_tvm():
+    try:
+        import tvm
+    except ImportError as e:
+        raise UnsupportedModelError(
+            "the TVM backend needs Apache TVM: pip install 'twophase[tvm]' "
+            "(apache-tvm==0.27.0.post1 with apache-tvm-ffi==0.1.14.post1)"
+        ) from e
+    return tvm
+
+
+# SIMD features the generated code may use; a library built where they exist needs them where it runs.
+SIMD_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512dq", "avx512bw", "avx512vl", "avx512cd",
+              "avx512_vnni", "avx512_bf16", "avx512_fp16", "avx512vbmi", "avx_vnni")
+
+
+def cpu_flags() -> list[str]:
+    """This machine's SIMD flags (from /proc/cpuinfo; empty where it cannot be read)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    have = set(line.partition(":")[2].split())
+    return [f for f in SIMD_FLAGS if f in have]
+
+
+def host_target(device: str = "cpu") -> dict:
+    """The manifest's target entry for this machine: {"tvm_target": LLVM for the host CPU, "cpu_flags": [...]}."""
+    tvm = require_tvm()
+    if device != "cpu":
+        raise UnsupportedModelError(
+            f"the TVM backend compiles for the CPU only in this build (device {device!r}); use --backend ort for CUDA"
+        )
+    return {"tvm_target": {"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())},
+            "cpu_flags": cpu_flags()}
+
+
+@dataclasses.dataclass(frozen=True)
+class LoweredTVMPhase:
+    library: str  # {phase}.so
+    params: str  # {phase}.params.json
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    compile_seconds: float
+
+
+def lower_phases(
+    models: dict[str, ir.Model], out_dir: Path, target_entry: dict
+) -> tuple[dict[str, LoweredTVMPhase], WeightsStats]:
+    """Build `{phase}.so` and `{phase}.params.json` for each model, and the shared weights.bin, in `out_dir`."""
+    tvm = require_tvm()
+    target = target_entry["tvm_target"]
+    out_dir = Path(out_dir)
+    stats = WeightsStats()
+    written: dict[bytes, tuple[int, int]] = {}
+    lowered: dict[str, LoweredTVMPhase] = {}
+    with open(out_dir / WEIGHTS_FILE, "wb") as weights:
+        for phase, model in models.items():
+            start = time.perf_counter()
+            inputs = tuple(tensor_spec(v) for v in model.graph.inputs)
+            outputs = tuple(tensor_spec(v) for v in model.graph.outputs)
+            proto, params = graph_for_import(model)
+            mod = import_relax(proto)
+            executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
+            library = f"{phase}.so"
+            executable.export_library(str(out_dir / library))
+            index = [_write_param(name, array, weights, written, stats) for name, array in params]
+            params_file = f"{phase}.params.json"
+            (out_dir / params_file).write_text(json.dumps({"weights": WEIGHTS_FILE, "params": index}, indent=1))
+            seconds = time.perf_counter() - start
+            log.info("%s: TVM build in %.1fs (%d weight parameters)", phase, seconds, len(params))
+            lowered[phase] = LoweredTVMPhase(library, params_file, inputs, outputs, round(seconds, 2))
+    return lowered, stats
+
+
+def graph_for_import(model: ir.Model) -> tuple[object, list[tuple[str, np.ndarray]]]:
+    """The ONNX proto TVM imports: large initializers moved to trailing graph inputs (weights), in order."""
+    model = model.clone()
+    graph = model.graph
+    params: list[tuple[str, np.ndarray]] = []
+    for name, value in list(graph.initializers.items()):
+        tensor = value.const_value
+        if tensor is None or tensor.nbytes < SIZE_THRESHOLD:
+            continue
+        params.append((name, np.ascontiguousarray(tensor.numpy())))
+        graph.initializers.pop(name)
+        value.const_value = None
+        value.shape = ir.Shape(tensor.shape)
+        value.type = ir.TensorType(tensor.dtype)
+        graph.inputs.append(value)
+    return ir.to_proto(model), params
+
+
+def import_relax(proto) -> object:
+    """TVM's ONNX importer with twophase's converters for the nodes it does not know."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    with _converters(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
+        try:
+            return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
+        except Exception as e:  # the importer raises bare TVM / Python errors
+            raise PassError(f"TVM's ONNX importer refused the phase graph ({type(e).__name__}: {str(e)[:500]})") from e
+
+
+def relax_pipeline(target: dict):
+    """The named Relax pipeline of the TVM target (module doc): the CPU backend's passes, in order."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cpu_generic import pipeline as cpu_generic
+
+    t = tvm.target.Target(target)
+
+    @tvm.transform.module_pass(opt_level=0, name="twophase_tvm_cpu")
+    def pipeline(mod, _ctx):
+        with t:
+            passes = (
+                cpu_generic.library_dispatch_passes(t)
+                + cpu_generic.legalize_passes(t)
+                + [relax.transform.DeadCodeElimination()]
+                + cpu_generic.dataflow_lower_passes(t)
+                + cpu_generic.finalize_passes(t)
+            )
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
+
+
+# --- converters -------------------------------------------------------------------------------------
+
+
+@contextmanager
+def _converters() -> Iterator[None]:
+    """Register QMatMul, QGather and GroupQueryAttention converters with the ONNX importer while it runs."""
+    from tvm.relax.frontend.onnx import onnx_frontend as frontend
+
+    original = frontend._get_convert_map
+    kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
+    extra = {
+        "QMatMul": _qmatmul_converter(frontend, kernels),
+        "QGather": _qgather_converter(frontend, kernels),
+        "GroupQueryAttention": _gqa_converter(frontend, kernels),
+    }
+
+    def convert_map():
+        return {**original(), **extra}
+
+    frontend._get_convert_map = convert_map
+    try:
+        yield
+    finally:
+        frontend._get_convert_map = original
+
+
+def _kernel(bb, kernels: dict, key: tuple, name: str, build):
+    if key not in kernels:
+        func = build().with_attr("global_symbol", name)
+        kernels[key] = bb.add_func(func, name)
+    return kernels[key]
+
+
+def _flatten_rows(bb, x, last: int):
+    """x [..., last] -> (x2 [M, last], leading dims)."""
+    from tvm import relax
+
+    x = bb.normalize(x)
+    dims = list(x.ty.shape.values)
+    lead = dims[:-1]
+    M = functools.reduce(operator.mul, lead) if lead else 1
+    x2 = bb.normalize(relax.op.reshape(x, relax.ShapeExpr([M, last])))
+    return x2, lead, M
+
+
+def _qmatmul_converter(frontend, kernels: dict):
+    from tvm import relax
+
+    from twophase.kernels.tir.qmatmul import QMatMulSpec, prim_func
+
+    class QMatMul(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            spec = QMatMulSpec(
+                int(attr["bits"]), int(attr["K"]), int(attr["N"]), int(attr.get("block_size", 0)) or None,
+                bool(attr.get("has_offset", 0)),
+            )
+            x, packed = inputs[0], list(inputs[1:])
+            name = f"qmatmul_b{spec.bits}_k{spec.K}_n{spec.N}_g{spec.block_size or 0}_o{int(spec.has_offset)}"
+            gv = _kernel(bb, kernels, ("qmatmul", spec), name, lambda: prim_func(spec))
+            x2, lead, M = _flatten_rows(bb, x, spec.K)
+            y = bb.emit(relax.call_tir(gv, [x2, *packed], out_ty=relax.TensorType([M, spec.N], "float32")))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, spec.N]))
+
+    return QMatMul
+
+
+def _qgather_converter(frontend, kernels: dict):
+    from tvm import relax
+
+    from twophase.kernels.tir.gather import gather_prim_func
+
+    class QGather(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            table, ids, *rest = (bb.normalize(v) for v in inputs if v is not None)
+            bits, D, has_offset = int(attr["bits"]), int(attr["D"]), bool(attr.get("has_offset", 0))
+            V = int(table.ty.shape.values[0])
+            G = int(rest[0].ty.shape.values[1])
+            name = f"qgather_b{bits}_v{V}_d{D}_g{G}_o{int(has_offset)}"
+            gv = _kernel(bb, kernels, ("qgather", bits, V, D, G, has_offset), name,
+                         lambda: gather_prim_func(bits, V, D, G, has_offset))
+            dims = list(ids.ty.shape.values)
+            n = functools.reduce(operator.mul, dims) if dims else 1
+            flat = bb.normalize(relax.op.reshape(ids, relax.ShapeExpr([n])))
+            if flat.ty.dtype != "int64":
+                flat = bb.normalize(relax.op.astype(flat, "int64"))
+            out = bb.emit(relax.call_tir(gv, [table, flat, *rest], out_ty=relax.TensorType([n, D], "float32")))
+            return relax.op.reshape(out, relax.ShapeExpr([*dims, D]))
+
+    return QGather
+
+
+def _gqa_converter(frontend, kernels: dict):
+    from tvm import relax
+
+    from twophase.kernels.tir.attention import gqa_prim_func
+
+    class GroupQueryAttention(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            if attr.get("kv_cache_bit_width") or attr.get("k_quant_type") not in (None, "NONE", b"NONE"):
+                raise UnsupportedModelError("the TVM backend has no int8 KV cache; compile with --kv-dtype float32")
+            if not attr.get("do_rotary", 0):
+                raise UnsupportedModelError("the TVM attention kernel expects the rotary embedding inside (do_rotary=1)")
+            inputs = [None if v is None else bb.normalize(v) for v in inputs]
+            q, k, v, past_k, past_v, seqlens_k, _total, cos, sin = inputs[:9]
+            query_seqlens = inputs[16] if len(inputs) > 16 else None
+            if k is None or v is None or query_seqlens is None:
+                raise UnsupportedModelError(
+                    "the TVM attention kernel needs separate q, k, v and query_seqlens (BindKVCachePass's form)"
+                )
+            heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
+            head_dim = int(past_k.ty.shape.values[3])
+            scale = attr.get("scale")
+            scale = None if not scale else float(scale)
+            softcap = float(attr.get("softcap", 0.0) or 0.0)
+            interleaved = bool(attr.get("rotary_interleaved", 0))
+            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved)
+            name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "")
+            gv = _kernel(bb, kernels, key, name, lambda: gqa_prim_func(
+                heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved))
+            out_sinfo = [relax.TensorType(q.ty.shape, "float32"), past_k.ty, past_v.ty]
+            return bb.emit(relax.call_tir_inplace(
+                gv, [q, k, v, past_k, past_v, seqlens_k, cos, sin, query_seqlens], [-1, 3, 4], out_sinfo
+            ))
+
+    return GroupQueryAttention
+
+
+# --- weights ----------------------------------------------------------------------------------------
+
+
+def _write_param(name: str, array: np.ndarray, weights, written: dict, stats: WeightsStats) -> dict:
+    data = array.tobytes()
+    key = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode() + data).digest()
+    if key in written:
+        offset, length = written[key]
+        stats.tensors_shared += 1
+        stats.bytes_shared += length
+    else:
+        align = PAGE if len(data) >= 64 * 1024 else SMALL_ALIGN
+        offset = -weights.tell() % align + weights.tell()
+        weights.seek(offset)
+        weights.write(data)
+        length = len(data)
+        written[key] = (offset, length)
+        stats.tensors_written += 1
+        stats.bytes_written += length
+    return {"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "length": length}
