@@ -2,6 +2,7 @@
 
     python benchmarks/phases.py [--artifact DIR ...] [--genai LABEL=DIR ...] [--no-transformers]
                                 [--roofline] [--batches 1,4,16] [--threads 2] [--reps 5]
+    python benchmarks/phases.py --backend tvm,ort [--schemes w8a16,w4a16] [--no-transformers]
 
 Every engine runs in the same process run, interleaved repetition by repetition; the table reports
 medians, with ratios to the first artifact (the baseline, e.g. fp32) measured in that same run.
@@ -14,6 +15,10 @@ venv, driven through a worker process; recipe in benchmarks/PEERS.md). All get t
 Prompts are real text (CPython's pydoc_data/topics.py) cut to exactly N tokens. Prefill: one forward
 over the N-token prompt. Decode: tokens/s over --decode-steps greedy steps after a 128-token prompt
 (EOS ignored, so every step runs).
+
+--backend tvm,ort compiles (once, into out/backends/SCHEME-BACKEND; both phases in SCHEME, ORT at its
+default MatMulNBits accuracy_level 4) and runs one artifact per scheme and backend, and adds a table of
+the TVM / ORT ratios per scheme (time per decode token and prefill throughput) and the TVM build times.
 
 --roofline measures a STREAM-style read bandwidth with the same thread count (twophase.bench.roofline)
 and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights once + the
@@ -50,7 +55,10 @@ class TwophaseRunner:
 
         self.engine = Engine.load(artifact, threads=threads)
         phases = self.engine.manifest.phases
-        self.name = f"twophase {artifact.name} (prefill {phases['prefill'].scheme}, decode {phases['decode'].scheme})"
+        self.backend = phases["decode"].backend
+        self.scheme = phases["decode"].scheme
+        self.name = (f"twophase {artifact.name} [{self.backend}] (prefill {phases['prefill'].scheme}, "
+                     f"decode {phases['decode'].scheme})")
 
     def prefill(self, ids: list[int]) -> float:
         x = np.asarray([ids], dtype=np.int64)
@@ -148,8 +156,14 @@ def decode_graph_bytes(runner) -> tuple[int, int] | None:
         e = runner.engine
         f = e.facts
         itemsize = np.dtype(e.manifest.kv_cache["dtype"]).itemsize
-        return graph_bytes(e.decode_phase.graph_path).streamed, kv_bytes_per_position(
-            f.num_layers, f.num_kv_heads, f.head_dim, itemsize)
+        kv = kv_bytes_per_position(f.num_layers, f.num_kv_heads, f.head_dim, itemsize)
+        entry = e.manifest.phases["decode"]
+        if entry.params is not None:  # TVM: the parameters' index; an embedding table reads one row per token
+            import json
+
+            params = json.loads((e.root / entry.params).read_text())["params"]
+            return sum(p["length"] for p in params if ".table.tvm" not in p["name"]), kv
+        return graph_bytes(e.decode_phase.graph_path).streamed, kv
     if isinstance(runner, GenaiRunner):
         import json
 
@@ -157,6 +171,31 @@ def decode_graph_bytes(runner) -> tuple[int, int] | None:
         return graph_bytes(runner.model_dir / cfg["filename"]).streamed, kv_bytes_per_position(
             cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"], 4)
     return None
+
+
+def backend_artifacts(model: str, backends: list[str], schemes: list[str]) -> list[Path]:
+    """out/backends/SCHEME-BACKEND for each scheme and backend, compiled where missing."""
+    from twophase.compiler.driver import compile_model
+    from twophase.compiler.options import Backend, CompileOptions, PhaseOptions, QuantScheme, WeightAlgorithm
+
+    out = []
+    for scheme in schemes:
+        for backend in backends:
+            path = Path("out") / "backends" / f"{scheme}-{backend}"
+            if not (path / "manifest.json").is_file():
+                po = PhaseOptions(QuantScheme(scheme), algorithm=WeightAlgorithm.RTN)
+                print(f"compiling {model} ({scheme}, {backend}) into {path} ...", file=sys.stderr)
+                compile_model(model, path, CompileOptions(backend=Backend(backend), prefill=po, decode=po), overwrite=True)
+            out.append(path)
+    return out
+
+
+def tvm_build_seconds(root: Path) -> str:
+    import json
+
+    report = json.loads((root / "report.json").read_text())
+    build = report.get("tvm_build_seconds", {})
+    return f"{build.get('prefill', '?')}, {build.get('decode', '?')} (whole compile {report.get('compile_seconds')})"
 
 
 def batch_decode(runner: TwophaseRunner, prompts: list[list[int]], steps: int) -> float:
@@ -186,11 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--decode-steps", type=int, default=64)
     p.add_argument("--prefill-lengths", default="128,512")
+    p.add_argument("--backend", default="", help="compare lowering backends, e.g. tvm,ort (see above)")
+    p.add_argument("--schemes", default="w8a16,w4a16", help="with --backend: schemes compiled for each backend")
     args = p.parse_args(argv)
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     sys.path.insert(0, str(Path(__file__).parent))
 
-    artifacts = args.artifact or [Path("out") / args.model]
+    backends = [b for b in args.backend.split(",") if b]
+    if backends:
+        artifacts = (args.artifact or []) + backend_artifacts(args.model, backends, args.schemes.split(","))
+    else:
+        artifacts = args.artifact or [Path("out") / args.model]
     if not (artifacts[0] / "manifest.json").is_file():
         from twophase.compiler.driver import compile_model
         from twophase.compiler.options import CompileOptions
@@ -269,6 +314,26 @@ def main(argv: list[str] | None = None) -> int:
             med = statistics.median(times[(r.name, "decode @128")])
             print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | {bound:.0f} | "
                   f"{med:.1f} | {med / bound:.0%} |")
+
+    if backends:
+        print("\nBackends side by side (same run): TVM / ORT per scheme; decode = time per token at context 128 "
+              "(ORT / TVM tokens/s ratio inverted: < 1.25 meets the issue's target)\n")
+        print("| scheme | " + " | ".join(f"{c} tok/s {' / '.join(backends)}" for c in cols) + " | TVM time per decode "
+              "token / ORT's | TVM build s (prefill, decode) |")
+        print("|---" * (len(cols) + 3) + "|")
+        by = {(r.scheme, r.backend): r for r in ours}
+        for scheme in dict.fromkeys(r.scheme for r in ours):
+            if (scheme, "tvm") not in by or (scheme, "ort") not in by:
+                continue
+            cells = []
+            for c in cols:
+                cells.append(" / ".join(f"{statistics.median(times[(by[(scheme, b)].name, c)]):.1f}" for b in backends))
+            tvm_r, ort_r = by.get((scheme, "tvm")), by.get((scheme, "ort"))
+            ratio = statistics.median(times[(ort_r.name, "decode @128")]) / statistics.median(times[(tvm_r.name, "decode @128")])
+            build = tvm_build_seconds(tvm_r.engine.root)
+            print(f"| {scheme} | " + " | ".join(cells) + f" | {ratio:.2f} | {build} |")
+        print("\nTVM kernels compute in float32 (exact dequantization); ORT's MatMulNBits at accuracy_level 4 "
+              "quantizes activations to int8 per block.")
 
     batches = [int(b) for b in args.batches.split(",") if b]
     if batches:

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 import pytest
-
 from passes.test_quantize_weights import gguf_gridded, session
+
 from twophase.compiler.graph_diff import op_histogram
 from twophase.compiler.options import Phase, WeightAlgorithm
 from twophase.passes.bind_kv_cache import BindKVCachePass
@@ -142,7 +142,7 @@ def test_affine_grid_is_exact(case: str):
     assert c.dtype == (np.uint8 if bits == 4 else np.int8)
     if bits == 4:
         assert c.min() >= 0 and c.max() <= 15
-    rep = lambda a: np.repeat(a, bs, axis=0)  # noqa: E731
+    rep = lambda a: np.repeat(a, bs, axis=0)
     want = (codes.astype(np.float64) - (0 if zp is None else rep(zp))) * rep(scale) + (0 if m is None else rep(m))
     got = c.astype(np.float64) * rep(s) + (0 if o is None else rep(o))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)

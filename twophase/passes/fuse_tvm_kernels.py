@@ -62,7 +62,7 @@ def _affine(dq, offset_GN: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, n
     else:
         if not dq.signed:  # uint8 u -> q = u - 128
             codes = (codes.astype(np.int16) - 128).astype(np.int8)
-            offset = (((128 - (0 if zp is None else zp)) * scale)).astype(np.float32)
+            offset = ((128 - (0 if zp is None else zp)) * scale).astype(np.float32)
         elif zp is not None:
             offset = (-zp * scale).astype(np.float32)
     if offset_GN is not None:

@@ -35,7 +35,7 @@ def pack_table(
 
 
 def reference(bits: int, ids: np.ndarray, codes_VD: np.ndarray, scale_VG: np.ndarray, offset_VG=None) -> np.ndarray:
-    V, D = codes_VD.shape
+    D = codes_VD.shape[1]
     bs = -(-D // scale_VG.shape[1])
     W = codes_VD.astype(np.float64) * np.repeat(scale_VG, bs, axis=1)[:, :D]
     if offset_VG is not None:

@@ -1,0 +1,140 @@
+"""The TIR GroupQueryAttention (twophase/kernels/tir/attention.py) against ORT's CPU kernel: one
+com.microsoft.GroupQueryAttention node run with its cache bound in place (I/O binding, as the runtime
+does), compared on the valid output rows and on the whole cache buffers after the step."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+tvm = pytest.importorskip("tvm")
+
+from twophase.kernels.tir.attention import gqa_prim_func
+
+TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
+ORDER = ("x_q", "x_k", "x_v", "past_k", "past_v", "seqlens_k", "cos", "sin", "query_seqlens")
+
+
+def _ort_session(Hq: int, Hkv: int, D: int, scale: float | None, softcap: float, interleaved: bool):
+    f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    vi = helper.make_tensor_value_info
+    inputs = [vi("x_q", f32, ["B", "S", Hq * D]), vi("x_k", f32, ["B", "S", Hkv * D]), vi("x_v", f32, ["B", "S", Hkv * D]),
+              vi("past_k", f32, ["B", Hkv, "C", D]), vi("past_v", f32, ["B", Hkv, "C", D]), vi("seqlens_k", i32, ["B"]),
+              vi("total", i32, []), vi("cos", f32, ["L", D // 2]), vi("sin", f32, ["L", D // 2]),
+              vi("query_seqlens", i32, ["B"])]
+    names = [v.name for v in inputs[:9]] + [""] * 7 + ["query_seqlens"]
+    attrs = {"num_heads": Hq, "kv_num_heads": Hkv, "do_rotary": 1, "rotary_interleaved": int(interleaved)}
+    if scale is not None:
+        attrs["scale"] = scale
+    if softcap:
+        attrs["softcap"] = softcap
+    node = helper.make_node("GroupQueryAttention", names, ["y", "present_k", "present_v"], domain="com.microsoft", **attrs)
+    outputs = [vi("y", f32, ["B", "S", Hq * D]), vi("present_k", f32, ["B", Hkv, "C", D]),
+               vi("present_v", f32, ["B", Hkv, "C", D])]
+    model = helper.make_model(helper.make_graph([node], "gqa", inputs, outputs),
+                              opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+
+
+def _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, seed=0):
+    rng = np.random.default_rng(seed)
+    rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)
+    B = len(seqlens_k)
+    L = capacity + 3
+    angles = rng.uniform(0, 2 * np.pi, (L, D // 2))
+    return {
+        "x_q": rand(B, S, Hq * D), "x_k": rand(B, S, Hkv * D), "x_v": rand(B, S, Hkv * D),
+        "past_k": rand(B, Hkv, capacity, D), "past_v": rand(B, Hkv, capacity, D),
+        "seqlens_k": np.asarray(seqlens_k, np.int32), "total": np.array(max(seqlens_k) + 1, np.int32),
+        "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+        "query_seqlens": np.asarray(query_seqlens, np.int32),
+    }
+
+
+def _run_ort(session, feeds):
+    io = session.io_binding()
+    arrays = {k: a.copy() for k, a in feeds.items()}  # an OrtValue does not keep its array alive
+    values = {k: ort.OrtValue.ortvalue_from_numpy(a) for k, a in arrays.items()}
+    for k, v in values.items():
+        io.bind_ortvalue_input(k, v)
+    io.bind_output("y")
+    io.bind_ortvalue_output("present_k", values["past_k"])  # past and present are one buffer
+    io.bind_ortvalue_output("present_v", values["past_v"])
+    session.run_with_iobinding(io)
+    return io.get_outputs()[0].numpy(), arrays["past_k"], arrays["past_v"]
+
+
+def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds):
+    func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved)
+    kernel = tvm.compile(func, target=TARGET)["main"]
+    B, S, _ = feeds["x_q"].shape
+    args = [tvm.runtime.tensor(feeds[k]) for k in ORDER] + [tvm.runtime.tensor(np.zeros((B, S, Hq * D), np.float32))]
+    kernel(*args)
+    return args[-1].numpy(), args[3].numpy(), args[4].numpy()
+
+
+def _check(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, *, scale=None, softcap=0.0, interleaved=False):
+    feeds = _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens)
+    y_ref, k_ref, v_ref = _run_ort(_ort_session(Hq, Hkv, D, scale, softcap, interleaved), feeds)
+    y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds)
+    for b, n in enumerate(query_seqlens):
+        np.testing.assert_allclose(y[b, :n], y_ref[b, :n], rtol=1e-5, atol=1e-5, err_msg=f"output row {b}")
+    np.testing.assert_allclose(k, k_ref, rtol=1e-5, atol=1e-5, err_msg="key cache")
+    np.testing.assert_array_equal(v, v_ref, err_msg="value cache")
+    return feeds, k, v
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_decode_rows_of_different_lengths_with_an_idle_row(interleaved):
+    feeds, k, v = _check(4, 2, 16, 1, 48, seqlens_k=[9, 20, 40], query_seqlens=[1, 0, 1], interleaved=interleaved)
+    np.testing.assert_array_equal(k[1], feeds["past_k"][1])  # the idle row's cache bytes are untouched
+    np.testing.assert_array_equal(v[1], feeds["past_v"][1])
+    for b, pos in ((0, 9), (2, 40)):  # the other rows change exactly at their new position
+        changed = np.flatnonzero((k[b] != feeds["past_k"][b]).any(axis=(0, 2)))
+        assert changed.tolist() == [pos]
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize(("Hq", "Hkv", "D"), [(4, 2, 16), (4, 4, 64), (9, 3, 64)])
+def test_prefill_right_padded_with_a_chunked_row(Hq, Hkv, D, interleaved):
+    # row 0: a first chunk of 5 tokens (2 padding); row 1: 7 tokens after a 30-token past (chunked prefill)
+    _check(Hq, Hkv, D, 7, 64, seqlens_k=[4, 36], query_seqlens=[5, 7], interleaved=interleaved)
+
+
+def test_long_prefill_many_query_and_key_blocks():
+    _check(4, 2, 16, 45, 128, seqlens_k=[44, 99, 20], query_seqlens=[45, 40, 0])
+
+
+@pytest.mark.parametrize("B", [1, 16])
+def test_decode_long_context_split_and_unsplit(B):
+    # B=1 splits each task's keys (few tasks), B=16 does not
+    lengths = [300 + 37 * b for b in range(B)]
+    _check(6, 2, 64, 1, 1024, seqlens_k=[n - 1 for n in lengths], query_seqlens=[1] * B)
+
+
+@pytest.mark.parametrize(("scale", "softcap"), [(0.3, 0.0), (None, 2.5), (0.2, 4.0)])
+def test_custom_scale_and_softcap(scale, softcap):
+    _check(4, 2, 16, 3, 32, seqlens_k=[2, 12], query_seqlens=[3, 2], scale=scale, softcap=softcap, interleaved=True)
+
+
+def test_signature_and_attributes():
+    func = gqa_prim_func(9, 3, 64, scale=None, softcap=0.0, interleaved=False)
+    shapes = [[str(d) for d in p.shape] for p in func.params]
+    assert shapes == [["B", "S", "576"], ["B", "S", "192"], ["B", "S", "192"], ["B", "3", "C", "64"],
+                      ["B", "3", "C", "64"], ["B"], ["L", "32"], ["L", "32"], ["B"], ["B", "S", "576"]]
+    assert [str(p.dtype) for p in func.params][5:] == ["int32", "float32", "float32", "int32", "float32"]
+    assert bool(func.attrs["tir.noalias"]) and bool(func.attrs["tir.is_scheduled"])
+    assert int(func.attrs["op_pattern"]) == 8
+
+
+def test_unsupported_shapes_are_refused():
+    with pytest.raises(ValueError, match="multiple"):
+        gqa_prim_func(9, 2, 64, scale=None, softcap=0.0, interleaved=False)
+    with pytest.raises(ValueError, match="head_dim"):
+        gqa_prim_func(4, 2, 24, scale=None, softcap=0.0, interleaved=False)
+    with pytest.raises(NotImplementedError, match="int8"):
+        gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, kv_dtype="int8")

@@ -1,0 +1,1 @@
+"""Hand-written TIR kernels for the TVM backend (attention, quantized matmul, gather)."""

@@ -1,0 +1,377 @@
+"""Quantized (and float) weight MatMul for the TVM backend: Y[M, N] = X[M, K] @ W[K, N], float32 in and out.
+
+    W[k, n] = codes[k, n] * scale[k // bs, n] + offset[k // bs, n]        (offset optional)
+
+bits 4: unsigned codes 0..15; bits 8: signed codes -128..127; bits 32: W itself (no scale, no offset).
+bs (block_size) runs along K; G = ceil(K / bs); the last block may be partial; bs = None is one block
+spanning K (per output channel).
+
+Layout (what `pack` returns; N is padded to NT = ceil(N / TN) tiles of TN = 32 columns, the padding has
+zero codes and zero scales, and the kernel never writes Y beyond N):
+    bits 4:   codes [NT, K, TN / 2] uint8, byte j of row k of tile t holds column t*TN + j in its low
+              nibble and column t*TN + j + TN/2 in its high nibble, so one 16-byte load gives the codes
+              of 32 consecutive columns (and & 15 -> lanes 0..15, >> 4 -> lanes 16..31)
+    bits 8:   codes [NT, K, TN] int8
+    bits 32:  W     [NT, K, TN] float32
+    scale, offset:  [NT, G, TN] float32
+
+One PrimFunc, two paths chosen at run time on M:
+    M <= GEMV_MAX_M (decode): tiles of TN columns in parallel; per row, TN float accumulators (4 ymm)
+        collect sum_k x[k] * code[k, :] over a block, then acc += block_sum * scale (+ offset * sum x).
+        W is prefetched PREFETCH_BYTES ahead. Per 8 codes: one int->float convert and one FMA, which is
+        the ceiling of a float-activation kernel on AVX2 (about 4 codes per cycle per FMA port).
+    M > GEMV_MAX_M (prefill, batched decode): tiles of TN columns in parallel; each tile's K x TN panel
+        is dequantized once into a float32 scratch (workspace, K * TN * 4 bytes per thread), then a
+        register-tiled GEMM (MR = 6 rows x NR = 16 columns of accumulators, 12 ymm) runs over all rows;
+        the M % MR leftover rows take one register tile of that many rows.
+Vector widths are those of AVX2 (8 float32 lanes); build for e.g. Target({"kind": "llvm", "mcpu": "znver3"}).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+TN = 32  # columns per N tile: the packed layout's tile and the unit of parallel work
+MR = 6  # GEMM register tile rows (the leftover-row variants in _build assume 6)
+NR = 16  # GEMM register tile columns (2 ymm)
+PREFETCH_BYTES = 512  # GEMV software prefetch distance in W (about 2x when W streams from L3 / DRAM)
+GEMV_MAX_M = 2  # rows up to which the GEMV path runs (above it, dequantizing a panel once pays off)
+
+
+@dataclasses.dataclass(frozen=True)
+class QMatMulSpec:
+    bits: int  # 4, 8 or 32
+    K: int
+    N: int
+    block_size: int | None  # None: one block spanning K (per channel); ignored for bits=32
+    has_offset: bool = False
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8, 32):
+            raise ValueError(f"QMatMulSpec.bits must be 4, 8 or 32, got {self.bits}")
+        if self.K < 1 or self.N < 1:
+            raise ValueError(f"QMatMulSpec needs K, N >= 1, got K={self.K} N={self.N}")
+        if self.bits == 32 and self.has_offset:
+            raise ValueError("bits=32 takes no offset")
+        if self.block_size is not None and self.block_size < 1:
+            raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
+
+    @property
+    def bs(self) -> int:
+        """Rows of K per block (K when per channel or float)."""
+        if self.bits == 32 or self.block_size is None:
+            return self.K
+        return min(self.block_size, self.K)
+
+    @property
+    def G(self) -> int:
+        return -(-self.K // self.bs)
+
+    @property
+    def NT(self) -> int:
+        return -(-self.N // TN)
+
+
+def param_specs(spec: QMatMulSpec) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of each array `pack` returns, in prim_func's argument order after X."""
+    K, NT, G = spec.K, spec.NT, spec.G
+    if spec.bits == 32:
+        return [((NT, K, TN), "float32")]
+    codes = ((NT, K, TN // 2), "uint8") if spec.bits == 4 else ((NT, K, TN), "int8")
+    out = [codes, ((NT, G, TN), "float32")]
+    if spec.has_offset:
+        out.append(((NT, G, TN), "float32"))
+    return out
+
+
+def _tile(a_RN: np.ndarray, NT: int, dtype) -> np.ndarray:
+    """[R, N] -> [NT, R, TN], N zero-padded to NT * TN."""
+    R, N = a_RN.shape
+    padded = np.zeros((R, NT * TN), dtype)
+    padded[:, :N] = a_RN
+    return np.ascontiguousarray(padded.reshape(R, NT, TN).transpose(1, 0, 2))
+
+
+def pack(
+    spec: QMatMulSpec,
+    codes_KN: np.ndarray,
+    scale_GN: np.ndarray | None = None,
+    offset_GN: np.ndarray | None = None,
+) -> list[np.ndarray]:
+    """The kernel's parameter arrays (module doc for the layout); any N and K are accepted."""
+    K, N, G, NT = spec.K, spec.N, spec.G, spec.NT
+    if codes_KN.shape != (K, N):
+        raise ValueError(f"codes shape {codes_KN.shape}, spec says ({K}, {N})")
+    if spec.bits == 32:
+        return [_tile(np.asarray(codes_KN, np.float32), NT, np.float32)]
+    if scale_GN is None or scale_GN.shape != (G, N):
+        raise ValueError(f"scale must be ({G}, {N}) for K={K} block_size={spec.block_size}")
+    if spec.has_offset != (offset_GN is not None):
+        raise ValueError(
+            f"spec.has_offset={spec.has_offset} but offset is {'missing' if offset_GN is None else 'given'}"
+        )
+    if spec.bits == 4:
+        c = np.asarray(codes_KN)
+        if c.min(initial=0) < 0 or c.max(initial=0) > 15:
+            raise ValueError("4-bit codes must be in 0..15")
+        t = _tile(c.astype(np.uint8), NT, np.uint8)  # [NT, K, TN]
+        codes = np.ascontiguousarray(t[:, :, : TN // 2] | (t[:, :, TN // 2 :] << 4))
+    else:
+        c = np.asarray(codes_KN)
+        if c.min(initial=0) < -128 or c.max(initial=0) > 127:
+            raise ValueError("8-bit codes must be in -128..127")
+        codes = _tile(c.astype(np.int8), NT, np.int8)
+    out = [codes, _tile(np.asarray(scale_GN, np.float32), NT, np.float32)]
+    if offset_GN is not None:
+        if offset_GN.shape != (G, N):
+            raise ValueError(f"offset must be ({G}, {N})")
+        out.append(_tile(np.asarray(offset_GN, np.float32), NT, np.float32))
+    return out
+
+
+def reference(
+    spec: QMatMulSpec,
+    X: np.ndarray,
+    codes_KN: np.ndarray,
+    scale_GN: np.ndarray | None = None,
+    offset_GN: np.ndarray | None = None,
+) -> np.ndarray:
+    """NumPy reference: dequantize to float64, accumulate in float64, return float32 [M, N]."""
+    W = np.asarray(codes_KN, np.float64)
+    if spec.bits != 32:
+        rows = np.arange(spec.K) // spec.bs
+        W = W * np.asarray(scale_GN, np.float64)[rows]
+        if offset_GN is not None:
+            W = W + np.asarray(offset_GN, np.float64)[rows]
+    return (np.asarray(X, np.float64) @ W).astype(np.float32)
+
+
+def prim_func(spec: QMatMulSpec, name: str | None = None):
+    """The scheduled kernel: args X [M, K], *pack(spec) arrays, Y [M, N] (M a symbolic int64, any M >= 1)."""
+    name = name or _default_name(spec)
+    func = _build(spec)
+    return func.with_attrs({"global_symbol": name, "tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+
+
+def _default_name(spec: QMatMulSpec) -> str:
+    q = f"b{spec.bits}" + ("" if spec.bits == 32 else f"_bs{spec.bs}") + ("_off" if spec.has_offset else "")
+    return f"qmatmul_{q}_k{spec.K}_n{spec.N}"
+
+
+def _build(spec: QMatMulSpec):
+    """TVMScript of the kernel; Python-level `if`s below are resolved at parse time (one variant per spec)."""
+    from tvm.script import tirx as T
+
+    K, N, NT, G, bs, bits = spec.K, spec.N, spec.NT, spec.G, spec.bs, spec.bits
+    quant, has_offset = bits != 32, spec.has_offset
+    H = TN // 2
+    GF, KT = K // bs, K % bs  # full blocks, rows of the partial last block
+    NTF, NTAIL = N // TN, N % TN  # full tiles, columns of the ragged last tile
+    wdtype = {4: "uint8", 8: "int8", 32: "float32"}[bits]
+    WK = TN // 2 if bits == 4 else TN
+    PREFETCH = max(1, PREFETCH_BYTES // (WK * max(1, bits // 8)))  # rows of W the GEMV prefetches ahead
+
+    def lo(v):  # 4-bit code in the low nibble (lanes 0..H-1) as float
+        return T.Cast("float32", T.bitwise_and(T.Cast("int32", v), 15))
+
+    def hi(v):  # 4-bit code in the high nibble (lanes H..TN-1) as float
+        return T.Cast("float32", T.shift_right(T.Cast("int32", v), 4))
+
+    def c8(v):
+        return T.Cast("float32", T.Cast("int32", v))
+
+    @T.macro
+    def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[t, k, 0]), 0, 3, 1))
+
+    @T.macro
+    def gemv_block(X, W, S, O, acc, bacc, xs, m, t, g, k0, L):
+        # acc[:] += scale[g] * sum_{k in block} x[k] * code[k, :]  (+ offset[g] * sum x)
+        for j in T.vectorized(TN):
+            bacc[j] = T.float32(0)
+        if has_offset:
+            xs[0] = T.float32(0)
+        for kk in range(L):
+            prefetch(W, t, k0 + kk + PREFETCH)
+            if bits == 4:
+                for j in T.vectorized(H):
+                    bacc[j] = bacc[j] + X[m, k0 + kk] * lo(W[t, k0 + kk, j])
+                for j in T.vectorized(H):
+                    bacc[j + H] = bacc[j + H] + X[m, k0 + kk] * hi(W[t, k0 + kk, j])
+            else:
+                for j in T.vectorized(TN):
+                    bacc[j] = bacc[j] + X[m, k0 + kk] * c8(W[t, k0 + kk, j])
+            if has_offset:
+                xs[0] = xs[0] + X[m, k0 + kk]
+        for j in T.vectorized(TN):
+            if has_offset:
+                acc[j] = acc[j] + bacc[j] * S[t, g, j] + xs[0] * O[t, g, j]
+            else:
+                acc[j] = acc[j] + bacc[j] * S[t, g, j]
+
+    @T.macro
+    def store_row(Y, acc, m, t):
+        if NTAIL == 0:
+            for j in T.vectorized(TN):
+                Y[m, t * TN + j] = acc[j]
+        else:
+            if t < NTF:
+                for j in T.vectorized(TN):
+                    Y[m, t * TN + j] = acc[j]
+            else:
+                for j in range(NTAIL):
+                    Y[m, t * TN + j] = acc[j]
+
+    @T.macro
+    def gemv(X, W, S, O, Y, M):
+        for t in T.parallel(NT):
+            for m in range(M):
+                acc = T.alloc_buffer((TN,), "float32", scope="global")
+                bacc = T.alloc_buffer((TN,), "float32", scope="global")
+                xs = T.alloc_buffer((1,), "float32", scope="global")
+                for j in T.vectorized(TN):
+                    acc[j] = T.float32(0)
+                if quant:
+                    for g in range(GF):
+                        gemv_block(X, W, S, O, acc, bacc, xs, m, t, g, g * bs, bs)
+                    if KT > 0:
+                        gemv_block(X, W, S, O, acc, bacc, xs, m, t, GF, GF * bs, KT)
+                else:
+                    for k in range(K):
+                        for j in T.vectorized(TN):
+                            acc[j] = acc[j] + X[m, k] * W[t, k, j]
+                store_row(Y, acc, m, t)
+
+    @T.macro
+    def dequant_rows(W, S, O, P, t, g, k0, L):
+        for kk in range(L):
+            if bits == 4:
+                for j in T.vectorized(H):
+                    if has_offset:
+                        P[k0 + kk, j] = lo(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                    else:
+                        P[k0 + kk, j] = lo(W[t, k0 + kk, j]) * S[t, g, j]
+                for j in T.vectorized(H):
+                    if has_offset:
+                        P[k0 + kk, j + H] = hi(W[t, k0 + kk, j]) * S[t, g, j + H] + O[t, g, j + H]
+                    else:
+                        P[k0 + kk, j + H] = hi(W[t, k0 + kk, j]) * S[t, g, j + H]
+            else:
+                for j in T.vectorized(TN):
+                    if has_offset:
+                        P[k0 + kk, j] = c8(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                    else:
+                        P[k0 + kk, j] = c8(W[t, k0 + kk, j]) * S[t, g, j]
+
+    @T.macro
+    def micro(X, W, P, Y, t, m0, s, R):
+        # Y[m0:m0+R, t*TN + s*NR : +NR] = X[m0:m0+R, :] @ panel[:, s*NR : +NR], R x NR accumulators in registers
+        c = T.alloc_buffer((R, NR), "float32", scope="global")
+        for r in T.unroll(R):
+            for j in T.vectorized(NR):
+                c[r, j] = T.float32(0)
+        for k in range(K):
+            for r in T.unroll(R):
+                for j in T.vectorized(NR):
+                    if quant:
+                        c[r, j] = c[r, j] + X[m0 + r, k] * P[k, s * NR + j]
+                    else:
+                        c[r, j] = c[r, j] + X[m0 + r, k] * W[t, k, s * NR + j]
+        if NTAIL == 0:
+            for r in T.unroll(R):
+                for j in T.vectorized(NR):
+                    Y[m0 + r, t * TN + s * NR + j] = c[r, j]
+        else:
+            if t < NTF:
+                for r in T.unroll(R):
+                    for j in T.vectorized(NR):
+                        Y[m0 + r, t * TN + s * NR + j] = c[r, j]
+            else:
+                if NTAIL - s * NR >= NR:
+                    for r in T.unroll(R):
+                        for j in T.vectorized(NR):
+                            Y[m0 + r, t * TN + s * NR + j] = c[r, j]
+                elif NTAIL - s * NR > 0:
+                    for r in T.unroll(R):
+                        for j in range(NTAIL - s * NR):
+                            Y[m0 + r, t * TN + s * NR + j] = c[r, j]
+
+    @T.macro
+    def gemm_tail(X, W, P, Y, t, M, r):
+        if M % MR == r:
+            for s in T.unroll(TN // NR):
+                micro(X, W, P, Y, t, M // MR * MR, s, r)
+
+    @T.macro
+    def gemm_rows(X, W, P, Y, t, M):
+        for mb in range(M // MR):
+            for s in T.unroll(TN // NR):
+                micro(X, W, P, Y, t, mb * MR, s, MR)
+        # leftover rows: one register tile of M % MR rows (MR = 6: five static variants)
+        gemm_tail(X, W, P, Y, t, M, 1)
+        gemm_tail(X, W, P, Y, t, M, 2)
+        gemm_tail(X, W, P, Y, t, M, 3)
+        gemm_tail(X, W, P, Y, t, M, 4)
+        gemm_tail(X, W, P, Y, t, M, 5)
+
+    @T.macro
+    def gemm(X, W, S, O, Y, M):
+        for t in T.parallel(NT):
+            if quant:
+                P = T.alloc_buffer((K, TN), "float32", scope="global")
+                for g in range(GF):
+                    dequant_rows(W, S, O, P, t, g, g * bs, bs)
+                if KT > 0:
+                    dequant_rows(W, S, O, P, t, GF, GF * bs, KT)
+                gemm_rows(X, W, P, Y, t, M)
+            else:
+                gemm_rows(X, W, W, Y, t, M)
+
+    @T.macro
+    def body(X, W, S, O, Y, M):
+        if M <= GEMV_MAX_M:
+            gemv(X, W, S, O, Y, M)
+        else:
+            gemm(X, W, S, O, Y, M)
+
+    if not quant:
+
+        @T.prim_func
+        def qmatmul(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), y_handle: T.handle):
+            M = T.int64()
+            X = T.match_buffer(x_handle, (M, K), "float32")
+            Y = T.match_buffer(y_handle, (M, N), "float32")
+            body(X, W, W, W, Y, M)
+
+    elif not has_offset:
+
+        @T.prim_func
+        def qmatmul(
+            x_handle: T.handle,
+            W: T.Buffer((NT, K, WK), wdtype),
+            S: T.Buffer((NT, G, TN), "float32"),
+            y_handle: T.handle,
+        ):
+            M = T.int64()
+            X = T.match_buffer(x_handle, (M, K), "float32")
+            Y = T.match_buffer(y_handle, (M, N), "float32")
+            body(X, W, S, S, Y, M)
+
+    else:
+
+        @T.prim_func
+        def qmatmul(
+            x_handle: T.handle,
+            W: T.Buffer((NT, K, WK), wdtype),
+            S: T.Buffer((NT, G, TN), "float32"),
+            O: T.Buffer((NT, G, TN), "float32"),
+            y_handle: T.handle,
+        ):
+            M = T.int64()
+            X = T.match_buffer(x_handle, (M, K), "float32")
+            Y = T.match_buffer(y_handle, (M, N), "float32")
+            body(X, W, S, O, Y, M)
+
+    return qmatmul
