@@ -138,13 +138,14 @@ def test_affine_grid_is_exact(case: str):
 
     dq = DQ()
     dq.codes, dq.bits, dq.signed, dq.scale, dq.zero_point, dq.block_size = codes, bits, signed, scale, zp, bs
-    c, s, o = _affine(dq, m)
+    c, s, o, zero = _affine(dq, m)
     assert c.dtype == (np.uint8 if bits == 4 else np.int8)
     if bits == 4:
         assert c.min() >= 0 and c.max() <= 15
+    assert (o is None) == (zp is None and m is None)  # symmetric grids need no offset array
     rep = lambda a: np.repeat(a, bs, axis=0)
     want = (codes.astype(np.float64) - (0 if zp is None else rep(zp))) * rep(scale) + (0 if m is None else rep(m))
-    got = c.astype(np.float64) * rep(s) + (0 if o is None else rep(o))
+    got = (c.astype(np.float64) - zero) * rep(s) + (0 if o is None else rep(o))
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
 
 

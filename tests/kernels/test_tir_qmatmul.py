@@ -30,6 +30,9 @@ SPECS = [
     QMatMulSpec(8, 144, 64, 32, has_offset=True),  # blocked, partial last block
     QMatMulSpec(32, 64, 48, None),
     QMatMulSpec(32, 100, 130, None),
+    QMatMulSpec(4, 80, 50, 32, zero=8),  # symmetric int4 as unsigned codes: no offset array
+    QMatMulSpec(4, 96, 40, 32, has_offset=True, zero=8),  # GGUF Q4_1 form with a constant zero
+    QMatMulSpec(8, 96, 70, None, zero=-128),  # uint8 codes shifted to int8
 ]
 
 
@@ -51,7 +54,7 @@ def _kernel(spec: QMatMulSpec):
     return tvm.compile(func, target=tvm.target.Target(TARGET)).mod[func.attrs["global_symbol"]]
 
 
-@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"b{s.bits}_k{s.K}_n{s.N}_bs{s.block_size}_o{int(s.has_offset)}")
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"b{s.bits}_k{s.K}_n{s.N}_bs{s.block_size}_o{int(s.has_offset)}_z{s.zero}")
 def test_matches_reference(spec: QMatMulSpec) -> None:
     rng = np.random.default_rng(spec.K * 1000 + spec.N)
     codes, scale, offset = _weights(spec, rng)

@@ -134,3 +134,16 @@ def test_unsupported_options(tiny_hf_dir, tmp_path: Path, name, options, match):
     with pytest.raises(UnsupportedModelError, match=match):
         compile_model(str(hf_dir), tmp_path / "out", options)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_against_ort_twin(artifacts):
+    """`twophase eval` runs TVM artifacts (prefill teacher-forced through the prefill library, decode through
+    the bound step); against the ORT artifact of the same scheme both phases agree to float rounding."""
+    from twophase.compiler.evaluate import evaluate_artifact
+
+    ids = np.random.default_rng(0).integers(3, 97, 400)
+    report = evaluate_artifact(artifacts["tvm"], artifacts["ort"], windows=3, length=32, decode_windows=2,
+                               decode_length=24, ids=ids)
+    for phase in (report.prefill, report.decode):
+        assert abs(phase.dppl_pct) < 0.01 and phase.agreement > 0.99, phase
+    assert report.prefill.scheme == report.decode.scheme == "w4a16"

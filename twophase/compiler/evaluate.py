@@ -9,6 +9,8 @@ Each phase is measured with its own graph, so its own quantization scheme:
   position's logits only (SplitPhasesPass slices the hidden states before the lm_head), so an
   in-memory variant without that Slice is built (`full_logits_model`); everything else, weights
   included, is the artifact's own. Windows: `corpus.eval_windows(ids, windows, length)`.
+- TVM artifacts (no ONNX graph inside) run their prefill library teacher-forced, one token per step
+  (`_run_prefill_steps`): the same per-row arithmetic as the whole window at once.
 - decode scheme: the artifact's decode.onnx runs teacher-forced from an empty cache (past length 0),
   one token per step; the decode windows are `decode_windows` of the evaluation windows, evenly
   picked (indices linspace(0, windows - 1, decode_windows) truncated), cut to their first
@@ -51,7 +53,7 @@ from twophase.compiler.errors import ArtifactError, ContextLengthError, Twophase
 from twophase.compiler.manifest import Manifest
 from twophase.passes.split_phases import find_last_position_slice
 from twophase.runtime.artifact import load_manifest, max_context, resolve, tokenizer_paths
-from twophase.runtime.backend_ort import BoundDecodeStep, GraphOptLevel, OrtPhase, session_options
+from twophase.runtime.backend_ort import GraphOptLevel, OrtPhase, session_options
 from twophase.runtime.kv_cache import PAST_PREFIX, PRESENT_PREFIX, BoundKVCache
 
 log = logging.getLogger(__name__)
@@ -267,6 +269,33 @@ def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator
         yield _log_softmax(logits[0, :-1])  # (L-1, V): the predicting positions
 
 
+def _run_prefill_steps(phase: Any, manifest: Manifest, windows_WL: np.ndarray) -> Iterator[np.ndarray]:
+    """_run_prefill for a TVM artifact: its prefill library returns each step's last logits only, so each
+    window runs through it teacher-forced, one token per step over the bound cache (the same per-row
+    arithmetic as the whole prompt at once: the kernels dequantize exactly and quantize activations per row)."""
+    L = windows_WL.shape[1]
+    cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
+    one = np.ones(1, dtype=np.int64)
+    for w in windows_WL:
+        cache.allocate(1, L)
+        step = phase.decode_step(cache, manifest.model.vocab_size)
+        logits = np.empty((L - 1, manifest.model.vocab_size), np.float32)
+        for t in range(L - 1):
+            logits[t] = step.run(w[t : t + 1], cache.lengths + 1, one)[0]
+            cache.advance(one)
+        yield _log_softmax(logits)
+
+
+def _prefill_iter(root: Path, manifest: Manifest, windows_WL: np.ndarray, threads: int | None):
+    """Log-probs of each window under the artifact's prefill scheme, for either backend."""
+    entry = manifest.phases["prefill"]
+    if entry.backend == "tvm":
+        from twophase.runtime.backend_tvm import TvmPhase
+
+        return _run_prefill_steps(TvmPhase(root, entry, name="prefill", threads=threads), manifest, windows_WL)
+    return _run_prefill(model_session(full_logits_model(resolve(root, entry.graph)), root, threads), windows_WL)
+
+
 def _decode_scores(
     phase: OrtPhase, manifest: Manifest, windows_BL: np.ndarray, ref_lp: np.ndarray | None
 ) -> tuple[_Scores, np.ndarray | None]:
@@ -303,7 +332,7 @@ def _decode_scores_bound(
     B, L = windows_BL.shape
     cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
     cache.allocate(B, L)
-    step = BoundDecodeStep(phase, cache, manifest.model.vocab_size)
+    step = phase.decode_step(cache, manifest.model.vocab_size)
     ones = np.ones(B, dtype=np.int64)
     nll = np.empty((B, L - 1))
     argmax = np.empty((B, L - 1), dtype=np.int32)
@@ -399,20 +428,16 @@ def evaluate_artifact(
 
     # -- prefill scheme ---------------------------------------------------------------------------
     t0 = time.perf_counter()
-    sess = model_session(full_logits_model(resolve(root, manifest.phases["prefill"].graph)), root, threads)
-    ref_sess = None
-    if ref_manifest is not None:
-        ref_graph = resolve(ref_root, ref_manifest.phases["prefill"].graph)
-        ref_sess = model_session(full_logits_model(ref_graph), ref_root, threads)
     W, L = wins.shape
+    has_ref = ref_manifest is not None
     art = _Scores(np.empty((W, L - 1)), np.empty((W, L - 1), np.int32))
-    ref = _Scores(np.empty((W, L - 1)), np.empty((W, L - 1), np.int32)) if ref_sess else None
-    kl = np.empty((W, L - 1)) if ref_sess else None
+    ref = _Scores(np.empty((W, L - 1)), np.empty((W, L - 1), np.int32)) if has_ref else None
+    kl = np.empty((W, L - 1)) if has_ref else None
     ref_dec_lp = (
-        np.empty((len(dec_idx), Ld - 1, manifest.model.vocab_size), np.float32) if ref_sess and len(dec_idx) else None
+        np.empty((len(dec_idx), Ld - 1, manifest.model.vocab_size), np.float32) if has_ref and len(dec_idx) else None
     )
-    ref_iter = _run_prefill(ref_sess, wins) if ref_sess else None
-    for i, lp in enumerate(_run_prefill(sess, wins)):
+    ref_iter = _prefill_iter(ref_root, ref_manifest, wins, threads) if has_ref else None
+    for i, lp in enumerate(_prefill_iter(root, manifest, wins, threads)):
         art.nll[i], art.argmax[i] = _score(lp, wins[i, 1:])
         if ref_iter is not None:
             ref_lp = next(ref_iter)
@@ -433,7 +458,7 @@ def evaluate_artifact(
     )
     if ref is not None:
         _compare(prefill, art, ref, kl)
-    del sess, ref_sess
+    del ref_iter
     log.info("prefill scheme: PPL %.4f over %d x %d tokens in %.1f s", prefill.ppl, W, L, prefill.seconds)
 
     # -- decode scheme ----------------------------------------------------------------------------
@@ -441,7 +466,12 @@ def evaluate_artifact(
     if len(dec_idx):
         t0 = time.perf_counter()
         entry = manifest.phases["decode"]
-        phase = OrtPhase(resolve(root, entry.graph), entry, name="decode", threads=threads)
+        if entry.backend == "tvm":
+            from twophase.runtime.backend_tvm import TvmPhase
+
+            phase = TvmPhase(root, entry, name="decode", threads=threads)
+        else:
+            phase = OrtPhase(resolve(root, entry.graph), entry, name="decode", threads=threads)
         dec_wins = np.ascontiguousarray(wins[dec_idx, :Ld])  # (Bd, Ld)
         scores, dkl = _decode_scores(phase, manifest, dec_wins, ref_dec_lp)
         decode = PhaseEval(

@@ -231,10 +231,11 @@ def _qmatmul_converter(frontend, kernels: dict):
         def _impl_v1(cls, bb, inputs, attr, params):
             spec = QMatMulSpec(
                 int(attr["bits"]), int(attr["K"]), int(attr["N"]), int(attr.get("block_size", 0)) or None,
-                bool(attr.get("has_offset", 0)),
+                bool(attr.get("has_offset", 0)), int(attr.get("zero", 0)),
             )
             x, packed = inputs[0], list(inputs[1:])
-            name = f"qmatmul_b{spec.bits}_k{spec.K}_n{spec.N}_g{spec.block_size or 0}_o{int(spec.has_offset)}"
+            name = (f"qmatmul_b{spec.bits}_k{spec.K}_n{spec.N}_g{spec.block_size or 0}_o{int(spec.has_offset)}"
+                    f"_z{spec.zero}".replace("-", "m"))
             gv = _kernel(bb, kernels, ("qmatmul", spec), name, lambda: prim_func(spec))
             x2, lead, M = _flatten_rows(bb, x, spec.K)
             y = bb.emit(relax.call_tir(gv, [x2, *packed], out_ty=relax.TensorType([M, spec.N], "float32")))

@@ -13,10 +13,10 @@ of the scheduled kernel that lower_tvm.py calls for it (twophase/kernels/tir):
         After:   y = twophase.tvm.QMatMul(x, P_0, P_1, ..., bits, K, N, block_size, has_offset)
                  P_i = kernels.tir.qmatmul.pack(spec, codes, scale, offset)
 
-    Every grid is rewritten as W[k, n] = c[k, n] * s[k // bs, n] + o[k // bs, n] with unsigned 4-bit
-    codes c (signed int4 q -> c = q + 8, o = -8 s; a zero point z -> o = -z s; a float offset m -> o = m)
-    or signed 8-bit codes (uint8 u -> q = u - 128, o = (128 - z) s). The products are those of the
-    QDQ graph: same codes, same scales, exact integer shifts.
+    Every grid is rewritten as W[k, n] = (c[k, n] - zero) * s[k // bs, n] + o[k // bs, n] with unsigned
+    4-bit codes c (signed int4 q -> c = q + 8, zero = 8; a zero point z -> o = -z s; a float offset
+    m -> o = m) or signed 8-bit codes (uint8 u -> q = u - 128, zero = -128), o only where needed. The
+    products are those of the QDQ graph: same codes, same scales, exact integer shifts.
 
     Gather rule (embedding tables, per row or blocked along D):
         Before:  h = Gather(DequantizeLinear(E_q, E_s[, E_z], ...), ids)            E_q: [V, D]
@@ -47,27 +47,27 @@ log = logging.getLogger(__name__)
 TVM_DOMAIN = "twophase.tvm"
 
 
-def _affine(dq, offset_GN: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """(codes, scale, offset) with W = codes * scale + offset: unsigned 4-bit or signed 8-bit codes."""
+def _affine(dq, offset_GN: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, int]:
+    """(codes, scale, offset, zero) with W = (codes - zero) * scale + offset: unsigned 4-bit or signed 8-bit
+    codes; a constant zero (symmetric grids) needs no offset array."""
     scale = dq.scale.astype(np.float32)
     zp = None if dq.zero_point is None else dq.zero_point.astype(np.float32)
-    codes = dq.codes
-    offset = None
+    codes, offset, zero = dq.codes, None, 0
     if dq.bits == 4:
-        shift = 8 if dq.signed else 0  # signed q -> unsigned c = q + 8
-        codes = (codes.astype(np.int16) + shift).astype(np.uint8)
-        base = -np.float32(shift) if zp is None else -(zp + shift)
-        if zp is not None or shift:
-            offset = (base * scale).astype(np.float32)
+        if dq.signed:  # q -> c = q + 8
+            codes, zero = (codes.astype(np.int16) + 8).astype(np.uint8), 8
+        codes = codes.astype(np.uint8)
+        if zp is not None:  # (c - zero - zp) * s
+            offset = (-zp * scale).astype(np.float32)
     else:
-        if not dq.signed:  # uint8 u -> q = u - 128
-            codes = (codes.astype(np.int16) - 128).astype(np.int8)
-            offset = ((128 - (0 if zp is None else zp)) * scale).astype(np.float32)
-        elif zp is not None:
+        if not dq.signed:  # u -> q = u - 128: (q + 128 - zp) * s
+            codes, zero = (codes.astype(np.int16) - 128).astype(np.int8), -128
+        codes = codes.astype(np.int8)
+        if zp is not None:
             offset = (-zp * scale).astype(np.float32)
     if offset_GN is not None:
         offset = offset_GN.astype(np.float32) if offset is None else (offset + offset_GN).astype(np.float32)
-    return codes, scale, offset
+    return codes, scale, offset, zero
 
 
 class FuseTVMKernelsPass(ir.passes.InPlacePass):
@@ -133,8 +133,8 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
                 if dq.block_size is None:
                     raise NoMatch("a float offset on a per-channel DequantizeLinear")
                 m = read_offset(offset_value, K, N, G, dq.block_size)
-            codes, scale, offset = _affine(dq, m)
-            spec = QMatMulSpec(dq.bits, K, N, dq.block_size, offset is not None)
+            codes, scale, offset, zero = _affine(dq, m)
+            spec = QMatMulSpec(dq.bits, K, N, dq.block_size, offset is not None, zero)
             key = ("q", dq.code_value.name, dq.node.inputs[1].name, offset_value.name if offset_value else None)
             if key not in cache:
                 base = dq.code_value.name.removesuffix(".qcodes")
@@ -145,6 +145,7 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
             ir.AttrInt64("N", spec.N),
             ir.AttrInt64("block_size", spec.block_size or 0),
             ir.AttrInt64("has_offset", int(spec.has_offset)),
+            ir.AttrInt64("zero", spec.zero),
         ]
         fused = ir.Node(TVM_DOMAIN, "QMatMul", [x, *cache[key]], attrs, name=f"{node.name or node.outputs[0].name}.tvm")
         replace_node(graph, node, fused)
@@ -161,7 +162,9 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
         if producer is None or producer.op_type != "DequantizeLinear":
             raise NoMatch("the table is not produced by DequantizeLinear")
         dq = read_dequant(table, reduce_axis=1)  # laid out as W[K=D, N=V]
-        codes, scale, offset = _affine(dq, None)
+        codes, scale, offset, zero = _affine(dq, None)
+        if zero:  # the gather kernel takes explicit offsets: -zero * scale
+            offset = (-zero * scale if offset is None else offset - zero * scale).astype(np.float32)
         D = codes.shape[0]
         key = ("gather", dq.code_value.name, dq.node.inputs[1].name)
         if key not in cache:

@@ -1,6 +1,9 @@
 """Quantized (and float) weight MatMul for the TVM backend: Y[M, N] = X[M, K] @ W[K, N], float32 in and out.
 
-    W[k, n] = codes[k, n] * scale[k // bs, n] + offset[k // bs, n]        (offset optional)
+    W[k, n] = (codes[k, n] - zero) * scale[k // bs, n] + offset[k // bs, n]     (offset optional)
+
+zero is one constant code for the whole weight (8 for symmetric int4 stored as unsigned codes q + 8), so
+a symmetric grid needs no offset array: the kernel subtracts zero * sum(x) per block.
 
 bits 4: unsigned codes 0..15; bits 8: signed codes -128..127; bits 32: W itself (no scale, no offset).
 bs (block_size) runs along K; G = ceil(K / bs); the last block may be partial; bs = None is one block
@@ -47,6 +50,7 @@ class QMatMulSpec:
     N: int
     block_size: int | None  # None: one block spanning K (per channel); ignored for bits=32
     has_offset: bool = False
+    zero: int = 0  # constant code subtracted before scaling (bits 4: 0..15; 8: -128..127)
 
     def __post_init__(self) -> None:
         if self.bits not in (4, 8, 32):
@@ -55,6 +59,8 @@ class QMatMulSpec:
             raise ValueError(f"QMatMulSpec needs K, N >= 1, got K={self.K} N={self.N}")
         if self.bits == 32 and self.has_offset:
             raise ValueError("bits=32 takes no offset")
+        if self.zero and self.bits == 32:
+            raise ValueError("bits=32 takes no zero")
         if self.block_size is not None and self.block_size < 1:
             raise ValueError(f"block_size must be >= 1 or None, got {self.block_size}")
 
@@ -139,7 +145,7 @@ def reference(
     offset_GN: np.ndarray | None = None,
 ) -> np.ndarray:
     """NumPy reference: dequantize to float64, accumulate in float64, return float32 [M, N]."""
-    W = np.asarray(codes_KN, np.float64)
+    W = np.asarray(codes_KN, np.float64) - spec.zero
     if spec.bits != 32:
         rows = np.arange(spec.K) // spec.bs
         W = W * np.asarray(scale_GN, np.float64)[rows]
@@ -157,6 +163,7 @@ def prim_func(spec: QMatMulSpec, name: str | None = None):
 
 def _default_name(spec: QMatMulSpec) -> str:
     q = f"b{spec.bits}" + ("" if spec.bits == 32 else f"_bs{spec.bs}") + ("_off" if spec.has_offset else "")
+    q += f"_z{spec.zero}" if spec.zero else ""
     return f"qmatmul_{q}_k{spec.K}_n{spec.N}"
 
 
@@ -165,7 +172,8 @@ def _build(spec: QMatMulSpec):
     from tvm.script import tirx as T
 
     K, N, NT, G, bs, bits = spec.K, spec.N, spec.NT, spec.G, spec.bs, spec.bits
-    quant, has_offset = bits != 32, spec.has_offset
+    quant, has_offset, zero = bits != 32, spec.has_offset, spec.zero
+    sums = has_offset or zero != 0  # the block needs sum(x)
     H = TN // 2
     GF, KT = K // bs, K % bs  # full blocks, rows of the partial last block
     NTF, NTAIL = N // TN, N % TN  # full tiles, columns of the ragged last tile
@@ -182,6 +190,15 @@ def _build(spec: QMatMulSpec):
     def c8(v):
         return T.Cast("float32", T.Cast("int32", v))
 
+    def lo_z(v):  # the panel's dequantized value: (code - zero)
+        return T.Cast("float32", T.bitwise_and(T.Cast("int32", v), 15) - zero)
+
+    def hi_z(v):
+        return T.Cast("float32", T.shift_right(T.Cast("int32", v), 4) - zero)
+
+    def c8_z(v):
+        return T.Cast("float32", T.Cast("int32", v) - zero)
+
     @T.macro
     def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[t, k, 0]), 0, 3, 1))
@@ -191,7 +208,7 @@ def _build(spec: QMatMulSpec):
         # acc[:] += scale[g] * sum_{k in block} x[k] * code[k, :]  (+ offset[g] * sum x)
         for j in T.vectorized(TN):
             bacc[j] = T.float32(0)
-        if has_offset:
+        if sums:
             xs[0] = T.float32(0)
         for kk in range(L):
             prefetch(W, t, k0 + kk + PREFETCH)
@@ -203,11 +220,15 @@ def _build(spec: QMatMulSpec):
             else:
                 for j in T.vectorized(TN):
                     bacc[j] = bacc[j] + X[m, k0 + kk] * c8(W[t, k0 + kk, j])
-            if has_offset:
+            if sums:
                 xs[0] = xs[0] + X[m, k0 + kk]
         for j in T.vectorized(TN):
-            if has_offset:
+            if has_offset and zero != 0:
+                acc[j] = acc[j] + (bacc[j] - T.float32(zero) * xs[0]) * S[t, g, j] + xs[0] * O[t, g, j]
+            elif has_offset:
                 acc[j] = acc[j] + bacc[j] * S[t, g, j] + xs[0] * O[t, g, j]
+            elif zero != 0:
+                acc[j] = acc[j] + (bacc[j] - T.float32(zero) * xs[0]) * S[t, g, j]
             else:
                 acc[j] = acc[j] + bacc[j] * S[t, g, j]
 
@@ -250,20 +271,20 @@ def _build(spec: QMatMulSpec):
             if bits == 4:
                 for j in T.vectorized(H):
                     if has_offset:
-                        P[k0 + kk, j] = lo(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                        P[k0 + kk, j] = lo_z(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
                     else:
-                        P[k0 + kk, j] = lo(W[t, k0 + kk, j]) * S[t, g, j]
+                        P[k0 + kk, j] = lo_z(W[t, k0 + kk, j]) * S[t, g, j]
                 for j in T.vectorized(H):
                     if has_offset:
-                        P[k0 + kk, j + H] = hi(W[t, k0 + kk, j]) * S[t, g, j + H] + O[t, g, j + H]
+                        P[k0 + kk, j + H] = hi_z(W[t, k0 + kk, j]) * S[t, g, j + H] + O[t, g, j + H]
                     else:
-                        P[k0 + kk, j + H] = hi(W[t, k0 + kk, j]) * S[t, g, j + H]
+                        P[k0 + kk, j + H] = hi_z(W[t, k0 + kk, j]) * S[t, g, j + H]
             else:
                 for j in T.vectorized(TN):
                     if has_offset:
-                        P[k0 + kk, j] = c8(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                        P[k0 + kk, j] = c8_z(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
                     else:
-                        P[k0 + kk, j] = c8(W[t, k0 + kk, j]) * S[t, g, j]
+                        P[k0 + kk, j] = c8_z(W[t, k0 + kk, j]) * S[t, g, j]
 
     @T.macro
     def micro(X, W, P, Y, t, m0, s, R):
