@@ -269,21 +269,28 @@ def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator
         yield _log_softmax(logits[0, :-1])  # (L-1, V): the predicting positions
 
 
-def _run_prefill_steps(phase: Any, manifest: Manifest, windows_WL: np.ndarray) -> Iterator[np.ndarray]:
-    """_run_prefill for a TVM artifact: its prefill library returns each step's last logits only, so each
-    window runs through it teacher-forced, one token per step over the bound cache (the same per-row
-    arithmetic as the whole prompt at once: the kernels dequantize exactly and quantize activations per row)."""
-    L = windows_WL.shape[1]
+def _run_prefill_steps(
+    phase: Any, manifest: Manifest, windows_WL: np.ndarray, group: int = 4
+) -> Iterator[np.ndarray]:
+    """_run_prefill for a TVM artifact: its prefill library returns each step's last logits only, so the
+    windows run through it teacher-forced, one token per step over the bound cache, `group` windows as one
+    batch (the same per-row arithmetic as a whole window at once: the kernels dequantize exactly and
+    quantize activations per row). Memory: group x L x vocab float32 logits."""
+    W, L = windows_WL.shape
+    V = manifest.model.vocab_size
     cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
-    one = np.ones(1, dtype=np.int64)
-    for w in windows_WL:
-        cache.allocate(1, L)
-        step = phase.decode_step(cache, manifest.model.vocab_size)
-        logits = np.empty((L - 1, manifest.model.vocab_size), np.float32)
+    for start in range(0, W, group):
+        rows = windows_WL[start : start + group]
+        B = rows.shape[0]
+        ones = np.ones(B, dtype=np.int64)
+        cache.allocate(B, L)
+        step = phase.decode_step(cache, V)
+        logits = np.empty((B, L - 1, V), np.float32)
         for t in range(L - 1):
-            logits[t] = step.run(w[t : t + 1], cache.lengths + 1, one)[0]
-            cache.advance(one)
-        yield _log_softmax(logits)
+            logits[:, t] = step.run(rows[:, t], cache.lengths + 1, ones)
+            cache.advance(ones)
+        for b in range(B):
+            yield _log_softmax(logits[b])
 
 
 def _prefill_iter(root: Path, manifest: Manifest, windows_WL: np.ndarray, threads: int | None):
