@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,20 @@ from twophase.compiler.manifest import MANIFEST_FILE, Manifest
 
 def _fmt_shape(shape) -> str:
     return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+
+
+def _tvm_phase_summary(directory: Path, entry) -> tuple[Counter, dict[str, int]]:
+    """(parameter count by kernel kind, weight bytes by dtype) of a TVM phase, from its parameter index."""
+    path = directory / (entry.params or "")
+    try:
+        params = json.loads(path.read_text())["params"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ArtifactError(f"{path}: cannot read the TVM parameter index ({e})") from e
+    kinds: Counter = Counter("embedding table" if ".table.tvm" in p["name"] else "matmul/other" for p in params)
+    weights: dict[str, int] = {}
+    for p in params:
+        weights[p["dtype"]] = weights.get(p["dtype"], 0) + int(p["length"])
+    return kinds, weights
 
 
 def inspect_artifact(directory: str | Path) -> dict[str, Any]:
@@ -38,9 +53,12 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
         path = directory / entry.graph
         if not path.is_file():
             raise ArtifactError(f"{path} (phase {name}) is missing")
-        proto = onnx.load(str(path), load_external_data=False)
-        ops = op_histogram(proto)
-        weights = initializer_bytes_by_dtype(proto)
+        if entry.backend == "tvm":
+            ops, weights = _tvm_phase_summary(directory, entry)
+        else:
+            proto = onnx.load(str(path), load_external_data=False)
+            ops = op_histogram(proto)
+            weights = initializer_bytes_by_dtype(proto)
         info["phases"][name] = {
             "graph": entry.graph,
             "backend": entry.backend,
@@ -60,7 +78,12 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
             lines.append(f"  out  {t.name:28s} {t.dtype:8s} {_fmt_shape(t.shape)}")
         if len(entry.outputs) > 2:
             lines.append(f"  out  ... {len(entry.outputs) - 2} more present")
-        lines.append(f"  nodes {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+        if entry.backend == "tvm":
+            target = (entry.target or {}).get("tvm_target", {})
+            lines.append(f"  TVM library for {target.get('kind')} {target.get('mcpu', '')}; weight parameters: "
+                         + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+        else:
+            lines.append(f"  nodes {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
         lines.append("  weights: " + ", ".join(f"{dt} {b / 1e6:.1f} MB" for dt, b in sorted(weights.items())))
     report = directory / "report.json"
     if report.is_file():
