@@ -193,7 +193,7 @@ def _parse_compile_options(args: argparse.Namespace):
     prefill_default, decode_default = defaults.phase_defaults(args.source)
     backend = _enum_value(Backend, args.backend, "--backend")
     if backend is Backend.TVM:
-        prefill_default = decode_default  # no w8a8 kernels in TVM yet: both phases read one weight copy
+        prefill_default = decode_default  # both phases read one weight copy (w8a8 prefill: --prefill w8a8)
     return CompileOptions(
         backend=backend,
         device=_enum_value(Device, args.device, "--device"),

@@ -6,6 +6,9 @@ importer does not know, which this module converts itself:
     twophase.tvm.QMatMul / QGather   (FuseTVMKernelsPass) -> R.call_tir to the scheduled kernels of
                                       twophase/kernels/tir (dequantize inside the matmul, weights stay
                                       4- or 8-bit in memory)
+    twophase.tvm.QMatMulA8           (FuseTVMKernelsPass, W8A8) -> R.call_tir to the integer GEMM of
+                                      kernels/tir/qmatmul_int8.py (quantizes the activation itself), in
+                                      the variant the build target's SIMD features allow (vpdpbusd, vpmaddwd)
     com.microsoft.GroupQueryAttention (BindKVCachePass)    -> R.call_tir_inplace to the attention kernel,
                                       which writes the new K/V rows straight into the bound cache buffers
 
@@ -110,7 +113,7 @@ def lower_phases(
             inputs = tuple(tensor_spec(v) for v in model.graph.inputs)
             outputs = tuple(tensor_spec(v) for v in model.graph.outputs)
             proto, params = graph_for_import(model)
-            mod = import_relax(proto)
+            mod = import_relax(proto, target)
             executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
             library = f"{phase}.so"
             executable.export_library(str(out_dir / library))
@@ -141,11 +144,15 @@ def graph_for_import(model: ir.Model) -> tuple[object, list[tuple[str, np.ndarra
     return ir.to_proto(model), params
 
 
-def import_relax(proto) -> object:
-    """TVM's ONNX importer with twophase's converters for the nodes it does not know."""
+def import_relax(proto, target: dict | None = None) -> object:
+    """TVM's ONNX importer with twophase's converters for the nodes it does not know; `target` (default:
+    this machine's) picks the kernel variants that depend on SIMD features."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    with _converters(), warnings.catch_warnings():
+    from twophase.kernels.tir.qmatmul_int8 import isa_for_target
+
+    isa = isa_for_target(target if target is not None else host_target()["tvm_target"])
+    with _converters(isa), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -180,14 +187,16 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters() -> Iterator[None]:
-    """Register QMatMul, QGather and GroupQueryAttention converters with the ONNX importer while it runs."""
+def _converters(isa) -> Iterator[None]:
+    """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
+    it runs; `isa` (qmatmul_int8.Isa) is the integer GEMM's variant."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
         "QMatMul": _qmatmul_converter(frontend, kernels),
+        "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
         "GroupQueryAttention": _gqa_converter(frontend, kernels),
     }
@@ -242,6 +251,29 @@ def _qmatmul_converter(frontend, kernels: dict):
             return relax.op.reshape(y, relax.ShapeExpr([*lead, spec.N]))
 
     return QMatMul
+
+
+def _qmatmul_a8_converter(frontend, kernels: dict, isa):
+    from tvm import relax
+
+    from twophase.kernels.tir.qmatmul_int8 import ActQuant, QMatMulA8Spec, default_name, prim_func
+
+    class QMatMulA8(frontend.OnnxOpConverter):
+        @classmethod
+        def _impl_v1(cls, bb, inputs, attr, params):
+            act = attr["act"].decode() if isinstance(attr["act"], bytes) else str(attr["act"])
+            spec = QMatMulA8Spec(int(attr["K"]), int(attr["N"]), ActQuant(act))
+            x, codes, scale = inputs[0], inputs[1], inputs[2]
+            extra = []
+            if spec.act is ActQuant.STATIC:  # the scalar scale constant as float32 [1]
+                extra = [bb.normalize(relax.op.reshape(bb.normalize(inputs[3]), relax.ShapeExpr([1])))]
+            gv = _kernel(bb, kernels, ("qmatmul_a8", spec, isa), default_name(spec, isa),
+                         lambda: prim_func(spec, isa=isa))
+            x2, lead, M = _flatten_rows(bb, x, spec.K)
+            y = bb.emit(relax.call_tir(gv, [x2, codes, scale, *extra], out_ty=relax.TensorType([M, spec.N], "float32")))
+            return relax.op.reshape(y, relax.ShapeExpr([*lead, spec.N]))
+
+    return QMatMulA8
 
 
 def _qgather_converter(frontend, kernels: dict):

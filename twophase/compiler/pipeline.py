@@ -16,8 +16,9 @@ A pipeline maps the canonical graph to one phase's graph:
 
 The TVM target (lower_tvm.py) keeps the QDQ form until its last step:
 
-    SplitPhasesPass -> CleanupPass -> [QuantizeWeightsPass (w8a16, w4a16)] -> BindKVCachePass
-                    -> FuseTVMKernelsPass (twophase.tvm kernels) -> CleanupPass
+    SplitPhasesPass -> CleanupPass -> [QuantizeActivationsPass (w8a8, prefill only)]
+                    -> [QuantizeWeightsPass (w8a16, w4a16; for w8a8 the lm_head and embedding in decode's format)]
+                    -> BindKVCachePass -> FuseTVMKernelsPass (twophase.tvm kernels) -> CleanupPass
 
 Passes that need calibration statistics are built just before they run, from the graph at that point
 (`Calibration` computes the statistics once per compile and shares them between phases: the weights
@@ -235,9 +236,10 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     from twophase.passes.fuse_tvm_kernels import FuseTVMKernelsPass
 
     po = options.phase(phase)
-    if po.scheme is QuantScheme.W8A8:
+    if po.scheme is QuantScheme.W8A8 and phase is not Phase.PREFILL:
         raise UnsupportedModelError(
-            f"the TVM backend has no w8a8 kernels yet ({phase.value} scheme); use fp32, w8a16 or w4a16"
+            f"the TVM backend runs w8a8 in the prefill phase only ({phase.value} scheme): its integer GEMM is for "
+            "many rows, a decode step is a weight-streaming GEMV; use w8a16 or w4a16 for decode"
         )
     if options.kv_binding is not KVBinding.BOUND:
         raise UnsupportedModelError(
@@ -247,12 +249,19 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     if options.kv_dtype is not KVDtype.FLOAT32:
         raise UnsupportedModelError("the TVM backend has no int8 KV cache; use --kv-dtype float32")
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
-    if po.scheme in WEIGHT_ONLY:
+    if po.scheme is QuantScheme.W8A8:
+        # as for ORT: the lm_head (one position in prefill) is left to the weight-only step below
+        steps.append(lambda m: _activation_pass(po, calibration, m))
+    # weight-only: the phase's own scheme, or for w8a8 the decode phase's format (lm_head, embedding)
+    weight_po = po if po.scheme in WEIGHT_ONLY else None
+    if po.scheme is QuantScheme.W8A8 and options.decode.scheme in WEIGHT_ONLY:
+        weight_po = options.decode
+    if weight_po is not None:
         from twophase.passes.quantize_weights import QuantizeWeightsPass
 
-        if po.algorithm is WeightAlgorithm.GPTQ and po.scheme is not QuantScheme.W4A16:
+        if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
             raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
-        steps.append(lambda m: QuantizeWeightsPass.from_options(po, _weight_quantizer(po, calibration)))
+        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
     steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(), CleanupPass()]
     return steps
 

@@ -18,6 +18,19 @@ of the scheduled kernel that lower_tvm.py calls for it (twophase/kernels/tir):
     m -> o = m) or signed 8-bit codes (uint8 u -> q = u - 128, zero = -128), o only where needed. The
     products are those of the QDQ graph: same codes, same scales, exact integer shifts.
 
+    W8A8 rule (QuantizeActivationsPass's QDQ; int8 weights per output channel, int8 activations):
+        Before (DYNAMIC, per-token scales; one activation quantization may feed several MatMuls):
+                 x2 = Reshape(x, [-1, K])
+                 s  = Max(Mul(ReduceMax(Abs(x2), axes=[1], keepdims=0), 1/127), eps)
+                 xd = DequantizeLinear(QuantizeLinear(x2, s, axis=0, int8), s, axis=0)
+                 y  = Reshape(MatMul(xd, DequantizeLinear(W_q int8 [K, N], W_s [N], axis=1)),
+                              Concat(Shape(x, end=-1), [N]))
+        Before (STATIC, one calibrated scale s_c, int8 zero point 0):
+                 y  = MatMul(DequantizeLinear(QuantizeLinear(x, s_c, 0), s_c, 0), DequantizeLinear(W_q, W_s, axis=1))
+        After:   y  = twophase.tvm.QMatMulA8(x, P_0, P_1[, s_c], K, N, act="dynamic" | "static")
+                 P_i = kernels.tir.qmatmul_int8.pack(spec, W_q, W_s); the kernel quantizes x itself
+        The activation-side nodes (and the Shape/Concat arithmetic) lose their last reader and go.
+
     Gather rule (embedding tables, per row or blocked along D):
         Before:  h = Gather(DequantizeLinear(E_q, E_s[, E_z], ...), ids)            E_q: [V, D]
         After:   h = twophase.tvm.QGather(P_0, ids, P_1[, P_2], bits, D, block_size, has_offset)
@@ -33,6 +46,7 @@ knows the domain).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections import Counter
 
@@ -89,7 +103,10 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
             if node.domain not in ("", "ai.onnx"):
                 continue
             try:
-                if node.op_type == "MatMul":
+                if node.op_type == "MatMul" and _is_w8a8(node):
+                    self._matmul_a8(graph, node, cache)
+                    self.applied["QMatMulA8"] += 1
+                elif node.op_type == "MatMul":
                     self._matmul(graph, node, cache)
                     self.applied["QMatMul"] += 1
                 elif node.op_type == "Gather":
@@ -150,6 +167,20 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
         fused = ir.Node(TVM_DOMAIN, "QMatMul", [x, *cache[key]], attrs, name=f"{node.name or node.outputs[0].name}.tvm")
         replace_node(graph, node, fused)
 
+    def _matmul_a8(self, graph: ir.Graph, node: ir.Node, cache: dict) -> None:
+        from twophase.kernels.tir.qmatmul_int8 import QMatMulA8Spec, pack
+
+        m = read_w8a8(node)
+        K, N = m.codes.shape
+        spec = QMatMulA8Spec(K, N, m.act)
+        key = ("a8", m.codes_value.name, m.scale_value.name)
+        if key not in cache:
+            cache[key] = self._initializers(graph, f"{m.codes_value.name}.a8", pack(spec, m.codes, m.scale))
+        inputs = [m.x, *cache[key]] + ([m.static_scale] if m.static_scale is not None else [])
+        attrs = [ir.AttrInt64("K", K), ir.AttrInt64("N", N), ir.AttrString("act", m.act.value)]
+        fused = ir.Node(TVM_DOMAIN, "QMatMulA8", inputs, attrs, name=f"{node.name or node.outputs[0].name}.tvm")
+        replace_node(graph, m.output_node, fused)
+
     def _gather(self, graph: ir.Graph, node: ir.Node, cache: dict) -> None:
         from twophase.kernels.tir.gather import pack_table
 
@@ -196,4 +227,127 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
         return out
 
 
-__all__ = ["TVM_DOMAIN", "FuseTVMKernelsPass"]
+# --- W8A8 matching ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class W8A8Match:
+    x: ir.Value  # the float activation the kernel reads ([..., K]; dynamic: before the Reshape to [M, K])
+    act: object  # qmatmul_int8.ActQuant
+    static_scale: ir.Value | None  # the constant per-tensor scale (STATIC)
+    codes_value: ir.Value
+    codes: np.ndarray  # int8 [K, N]
+    scale_value: ir.Value
+    scale: np.ndarray  # float32 [N]
+    output_node: ir.Node  # the node whose output the fused node replaces (MatMul, or the Reshape back)
+
+
+def _is_w8a8(node: ir.Node) -> bool:
+    """A MatMul whose activation input is DequantizeLinear(QuantizeLinear(...)): the W8A8 rule's to take."""
+    dqx = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return (dqx is not None and dqx.op_type == "DequantizeLinear" and dqx.inputs[0] is not None
+            and dqx.inputs[0].producer() is not None and dqx.inputs[0].producer().op_type == "QuantizeLinear")
+
+
+def _const(v: ir.Value | None) -> np.ndarray | None:
+    return None if v is None or v.const_value is None else v.const_value.numpy()
+
+
+def _op(v: ir.Value | None, op_type: str) -> ir.Node:
+    node = v.producer() if v is not None else None
+    if node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx"):
+        raise NoMatch(f"{getattr(v, 'name', None)!r} is not produced by {op_type}")
+    return node
+
+
+def _int_attr(node: ir.Node, name: str, default: int) -> int:
+    a = node.attributes.get(name)
+    return default if a is None else a.as_int()
+
+
+def _zero_point_ok(node: ir.Node) -> bool:
+    """No zero point or an int8 constant 0 (symmetric int8)."""
+    zp = node.inputs[2] if len(node.inputs) > 2 else None
+    if zp is None:
+        return True
+    value = _const(zp)
+    return value is not None and zp.dtype == ir.DataType.INT8 and not np.any(value)
+
+
+def read_w8a8(node: ir.Node) -> W8A8Match:
+    """The parts of a QuantizeActivationsPass W8A8 MatMul (module doc); NoMatch says what differs."""
+    from twophase.kernels.tir.qmatmul_int8 import INV127, SCALE_EPS, ActQuant
+
+    dqx = _op(node.inputs[0], "DequantizeLinear")
+    qx = _op(dqx.inputs[0], "QuantizeLinear")
+    dqw = _op(node.inputs[1], "DequantizeLinear")
+    # weights: int8 [K, N] codes, per-channel (or per-tensor) scale on axis 1, no zero point, not blocked
+    codes, scale = _const(dqw.inputs[0]), _const(dqw.inputs[1])
+    if codes is None or codes.dtype != np.int8 or codes.ndim != 2:
+        raise NoMatch("weight codes are not a constant int8 [K, N] initializer")
+    K, N = codes.shape
+    if scale is None or scale.size not in (1, N) or (scale.size == N and _int_attr(dqw, "axis", 1) not in (1, -1)):
+        raise NoMatch("weight scale is neither per tensor nor per output channel")
+    if not _zero_point_ok(dqw) or _int_attr(dqw, "block_size", 0):
+        raise NoMatch("weight DequantizeLinear has a zero point or blocks")
+    scale = np.broadcast_to(scale.astype(np.float32).reshape(-1), (N,)).copy()
+    # activations: int8, zero point 0, the scale shared by Q and DQ
+    s = qx.inputs[1]
+    if dqx.inputs[1] is not s or not _zero_point_ok(qx) or not _zero_point_ok(dqx):
+        raise NoMatch("activation Q/DQ do not share one scale with an int8 zero point 0")
+    out_dtype = _int_attr(qx, "output_dtype", 0)
+    if (len(qx.inputs) < 3 or qx.inputs[2] is None) and out_dtype != ir.DataType.INT8.value:
+        raise NoMatch("activation QuantizeLinear does not produce int8")
+    static = _const(s)
+    if static is not None:
+        if static.size != 1:
+            raise NoMatch("static activation scale is not per tensor")
+        x = qx.inputs[0]
+        if x.shape is not None and (len(x.shape) < 1 or (isinstance(x.shape[-1], int) and x.shape[-1] != K)):
+            raise NoMatch(f"activation's last dimension is not K={K}")
+        return W8A8Match(x, ActQuant.STATIC, s, dqw.inputs[0], codes, dqw.inputs[1], scale, node)
+    # dynamic: s = Max(Mul(ReduceMax(Abs(x2), [1], keepdims=0), 1/127), eps), per row (axis 0) of x2 [M, K]
+    if _int_attr(qx, "axis", 1) != 0 or _int_attr(dqx, "axis", 1) != 0:
+        raise NoMatch("dynamic activation scale is not on axis 0")
+    mx = _op(s, "Max")
+    mul, eps = mx.inputs
+    mul_node = _op(mul, "Mul")
+    rmax, inv = mul_node.inputs
+    rmax_node = _op(rmax, "ReduceMax")
+    x2 = qx.inputs[0]
+    if _op(rmax_node.inputs[0], "Abs").inputs[0] is not x2:
+        raise NoMatch("the scale is not the absmax of the quantized value")
+    axes = _const(rmax_node.inputs[1]) if len(rmax_node.inputs) > 1 else None
+    if axes is None or list(axes.reshape(-1)) not in ([1], [-1]) or _int_attr(rmax_node, "keepdims", 1) != 0:
+        raise NoMatch("the absmax is not over axis 1 with keepdims=0")
+    inv, eps = _const(inv), _const(eps)
+    if inv is None or inv.size != 1 or np.float32(inv.reshape(-1)[0]) != INV127:
+        raise NoMatch("the scale multiplier is not float32(1/127)")
+    if eps is None or eps.size != 1 or np.float32(eps.reshape(-1)[0]) != np.float32(SCALE_EPS):
+        raise NoMatch(f"the scale floor is not {SCALE_EPS}")
+    reshape = _op(x2, "Reshape")
+    shape = _const(reshape.inputs[1])
+    if shape is None or list(shape.reshape(-1)) != [-1, K]:
+        raise NoMatch(f"the activation is not reshaped to [-1, {K}]")
+    x = reshape.inputs[0]
+    # the product back to x's leading dims: Reshape(MatMul, Concat(Shape(x, end=-1), [N])), else [M, N] as is
+    y2 = node.outputs[0]
+    out_node, uses = node, list(y2.uses())
+    if len(uses) == 1 and not y2.is_graph_output():
+        back = uses[0].node
+        if back.op_type == "Reshape" and back.inputs[0] is y2 and back.inputs[1] is not None:
+            try:
+                concat = _op(back.inputs[1], "Concat")
+                shp = _op(concat.inputs[0], "Shape")
+                tail = _const(concat.inputs[1]) if len(concat.inputs) == 2 else None
+                if (shp.inputs[0] is x and _int_attr(shp, "end", 0) == -1 and _int_attr(shp, "start", 0) == 0
+                        and tail is not None and list(tail.reshape(-1)) == [N]):
+                    out_node = back
+            except NoMatch:
+                pass
+    if out_node is node:  # no reshape back: the kernel reads x2 [M, K] and its result is [M, N]
+        x = x2
+    return W8A8Match(x, ActQuant.DYNAMIC, None, dqw.inputs[0], codes, dqw.inputs[1], scale, out_node)
+
+
+__all__ = ["TVM_DOMAIN", "FuseTVMKernelsPass", "W8A8Match", "read_w8a8"]
