@@ -1,7 +1,12 @@
 """SmolLM2-135M-Instruct through the TVM backend (slow): `compile --backend tvm` (w4a16 on the GGUF grid in
-both phases, one weight copy) gives the ORT backend's greedy tokens for the same scheme."""
+both phases, one weight copy) gives the ORT backend's greedy tokens for the same scheme. Both at accuracy
+level 1 (float activations), where the two backends compute the same arithmetic; at the default level 4 each
+quantizes activations its own way (ORT in every MatMulNBits, TVM in the decode GEMV only), so their tokens
+may part after a few dozen steps."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -22,9 +27,9 @@ def engines(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("smollm2-tvm")
     _, decode = phase_defaults(MODEL)  # w4a16, GGUF grid
-    ort_po = type(decode)(decode.scheme, algorithm=decode.algorithm, accuracy_level=1)  # float activations, as TVM
-    tvm_dir = compile_model(MODEL, root / "tvm", CompileOptions(backend=Backend.TVM, prefill=decode, decode=decode))
-    ort_dir = compile_model(MODEL, root / "ort", CompileOptions(prefill=ort_po, decode=ort_po))
+    po = dataclasses.replace(decode, accuracy_level=1)
+    tvm_dir = compile_model(MODEL, root / "tvm", CompileOptions(backend=Backend.TVM, prefill=po, decode=po))
+    ort_dir = compile_model(MODEL, root / "ort", CompileOptions(prefill=po, decode=po))
     return Engine.load(tvm_dir, threads=2), Engine.load(ort_dir, threads=2)
 
 

@@ -149,10 +149,12 @@ def import_relax(proto, target: dict | None = None) -> object:
     this machine's) picks the kernel variants that depend on SIMD features."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from twophase.kernels.tir.qgemv_a8 import vbmi_for_target
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
-    isa = isa_for_target(target if target is not None else host_target()["tvm_target"])
-    with _converters(isa), warnings.catch_warnings():
+    target = target if target is not None else host_target()["tvm_target"]
+    isa = isa_for_target(target)
+    with _converters(isa, vbmi_for_target(target)), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -187,15 +189,15 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters(isa) -> Iterator[None]:
+def _converters(isa, vbmi: bool = False) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
-    it runs; `isa` (qmatmul_int8.Isa) is the integer GEMM's variant."""
+    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `vbmi` whether they may use vpermb."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
-        "QMatMul": _qmatmul_converter(frontend, kernels),
+        "QMatMul": _qmatmul_converter(frontend, kernels, isa, vbmi),
         "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
         "GroupQueryAttention": _gqa_converter(frontend, kernels),
@@ -230,9 +232,10 @@ def _flatten_rows(bb, x, last: int):
     return x2, lead, M
 
 
-def _qmatmul_converter(frontend, kernels: dict):
+def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
     from tvm import relax
 
+    from twophase.kernels.tir import qgemv_a8
     from twophase.kernels.tir.qmatmul import QMatMulSpec, prim_func
 
     class QMatMul(frontend.OnnxOpConverter):
@@ -245,7 +248,12 @@ def _qmatmul_converter(frontend, kernels: dict):
             x, packed = inputs[0], list(inputs[1:])
             name = (f"qmatmul_b{spec.bits}_k{spec.K}_n{spec.N}_g{spec.block_size or 0}_o{int(spec.has_offset)}"
                     f"_z{spec.zero}".replace("-", "m"))
-            gv = _kernel(bb, kernels, ("qmatmul", spec), name, lambda: prim_func(spec))
+            if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to qgemv_a8.MAX_M rows
+                a8 = qgemv_a8.QGemvA8Spec.of(spec)
+                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, vbmi), qgemv_a8.default_name(a8, isa),
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi))
+            else:
+                gv = _kernel(bb, kernels, ("qmatmul", spec), name, lambda: prim_func(spec))
             x2, lead, M = _flatten_rows(bb, x, spec.K)
             y = bb.emit(relax.call_tir(gv, [x2, *packed], out_ty=relax.TensorType([M, spec.N], "float32")))
             return relax.op.reshape(y, relax.ShapeExpr([*lead, spec.N]))

@@ -262,7 +262,10 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
         if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
             raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
         steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
-    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(), CleanupPass()]
+    # accuracy_level 4: int8-activation GEMV for few rows; from the weights' options, as the ORT target's
+    # level (for w8a8 prefill: the decode phase's, which quantized the lm_head)
+    level = weight_po.accuracy_level if weight_po is not None else 0
+    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(level), CleanupPass()]
     return steps
 
 

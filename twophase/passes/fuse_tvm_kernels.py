@@ -10,8 +10,10 @@ of the scheduled kernel that lower_tvm.py calls for it (twophase/kernels/tir):
         Before:  y = MatMul(x, W)                                           W: float32 initializer [K, N]
                  y = MatMul(x, DequantizeLinear(W_q, W_s[, W_z], ...))              (QuantizeWeightsPass)
                  y = MatMul(x, Add(DequantizeLinear(W_q, W_s, ...), offset(W_m)))   (GGUF Q4_1 grid)
-        After:   y = twophase.tvm.QMatMul(x, P_0, P_1, ..., bits, K, N, block_size, has_offset)
+        After:   y = twophase.tvm.QMatMul(x, P_0, P_1, ..., bits, K, N, block_size, has_offset[, act_int8=1])
                  P_i = kernels.tir.qmatmul.pack(spec, codes, scale, offset)
+                 act_int8 (accuracy_level 4, 4 / 8 bits): few-row calls quantize x to int8 per block
+                 (kernels.tir.qgemv_a8, ORT MatMulNBits accuracy_level 4's counterpart); same P_i
 
     Every grid is rewritten as W[k, n] = (c[k, n] - zero) * s[k // bs, n] + o[k // bs, n] with unsigned
     4-bit codes c (signed int4 q -> c = q + 8, zero = 8; a zero point z -> o = -z s; a float offset
@@ -90,8 +92,11 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
     After a call, `applied` counts rewrites per rule and `skipped` maps node names to why they were left.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, accuracy_level: int = 0) -> None:
+        """accuracy_level: ORT MatMulNBits' (PhaseOptions.accuracy_level); at 4 the 4-bit / 8-bit QMatMul
+        nodes carry act_int8=1: their kernel quantizes activations to int8 per block for few rows (qgemv_a8.py)."""
         super().__init__()
+        self.accuracy_level = accuracy_level
         self.applied: Counter[str] = Counter()
         self.skipped: dict[str, str] = {}
 
@@ -164,6 +169,8 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
             ir.AttrInt64("has_offset", int(spec.has_offset)),
             ir.AttrInt64("zero", spec.zero),
         ]
+        if self.accuracy_level == 4 and _gemv_a8_ok(spec):
+            attrs.append(ir.AttrInt64("act_int8", 1))
         fused = ir.Node(TVM_DOMAIN, "QMatMul", [x, *cache[key]], attrs, name=f"{node.name or node.outputs[0].name}.tvm")
         replace_node(graph, node, fused)
 
@@ -225,6 +232,19 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
             graph.register_initializer(value)
             out.append(value)
         return out
+
+
+def _gemv_a8_ok(spec) -> bool:
+    """Whether qgemv_a8 takes this weight (4 / 8 bits, blocks of a multiple of 4 rows)."""
+    from twophase.kernels.tir.qgemv_a8 import QGemvA8Spec
+
+    if spec.bits not in (4, 8):
+        return False
+    try:
+        QGemvA8Spec.of(spec)
+    except ValueError:
+        return False
+    return True
 
 
 # --- W8A8 matching ---------------------------------------------------------------------------------

@@ -167,8 +167,15 @@ def _default_name(spec: QMatMulSpec) -> str:
     return f"qmatmul_{q}_k{spec.K}_n{spec.N}"
 
 
-def _build(spec: QMatMulSpec):
-    """TVMScript of the kernel; Python-level `if`s below are resolved at parse time (one variant per spec)."""
+def gemm_macro(spec: QMatMulSpec):
+    """The float GEMM path as a TVMScript macro `gemm(X, W, S, O, Y, M)` (O = S when there is no offset), for
+    kernels that branch on M themselves and read this module's packed layout (qgemv_a8.py)."""
+    return _build(spec, macro="gemm")
+
+
+def _build(spec: QMatMulSpec, macro: str | None = None):
+    """TVMScript of the kernel; Python-level `if`s below are resolved at parse time (one variant per spec).
+    `macro`: return that path's macro instead of the PrimFunc."""
     from tvm.script import tirx as T
 
     K, N, NT, G, bs, bits = spec.K, spec.N, spec.NT, spec.G, spec.bs, spec.bits
@@ -356,6 +363,9 @@ def _build(spec: QMatMulSpec):
             gemv(X, W, S, O, Y, M)
         else:
             gemm(X, W, S, O, Y, M)
+
+    if macro is not None:
+        return {"gemv": gemv, "gemm": gemm}[macro]
 
     if not quant:
 

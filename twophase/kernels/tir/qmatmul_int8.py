@@ -97,7 +97,7 @@ class QMatMulA8Spec:
         if self.K > 1 << 16:
             raise ValueError(f"K={self.K}: int32 accumulators hold K <= 65536 products of int8 codes")
         if not isinstance(self.act, ActQuant):
-            raise ValueError(f"act must be an ActQuant, got {self.act!r}")
+            raise TypeError(f"act must be an ActQuant, got {self.act!r}")
 
     @property
     def KQ(self) -> int:
@@ -236,12 +236,7 @@ def _build(spec: QMatMulA8Spec, isa: Isa):
     def store(Y, c, corr, Sx, Sw, t, m0, s, v, R):
         # columns t*TN + s*NR + v*VL + [0, VL) of rows m0 .. m0+R-1 (N tail: only those below N)
         col = s * NR + v * VL
-        if NTAIL == 0 or NTAIL - col >= VL:
-            for r in T.unroll(R):
-                for j in T.vectorized(VL):
-                    Y[m0 + r, t * TN + col + j] = (T.Cast("float32", c[r, j] - corr[col + j])
-                                                   * Sx[m0 + r] * Sw[t, col + j])
-        elif t < NTF:
+        if NTAIL == 0 or NTAIL - col >= VL or t < NTF:
             for r in T.unroll(R):
                 for j in T.vectorized(VL):
                     Y[m0 + r, t * TN + col + j] = (T.Cast("float32", c[r, j] - corr[col + j])

@@ -1,0 +1,120 @@
+"""TIR int8-activation decode GEMV (qgemv_a8) vs its NumPy reference: 4-bit with / without offset and zero,
+blocks of 16 / 32 / 128 with K not a multiple of the block (nor of 4), 8-bit per channel and blocked, N tails,
+M = 1..4 (and M = 6, which runs qmatmul's float GEMM on the same packed arrays), every ISA variant this machine
+can run."""
+
+from __future__ import annotations
+
+import functools
+import re
+
+import numpy as np
+import pytest
+
+tvm = pytest.importorskip("tvm")
+
+from twophase.kernels.tir import qmatmul
+from twophase.kernels.tir.qgemv_a8 import MAX_M, QGemvA8Spec, pack, prim_func, quantize_rows, reference, vbmi_for_target
+from twophase.kernels.tir.qmatmul_int8 import Isa, isa_for_target
+
+AVX2 = {"kind": "llvm", "mcpu": "znver3"}  # the CI machines' ISA
+SPECS = [
+    QGemvA8Spec(4, 96, 70, 32, zero=8),  # symmetric int4 as codes q + 8; N tail of 6
+    QGemvA8Spec(4, 100, 45, 32, has_offset=True),  # K % bs = 4 (a one-quad last block)
+    QGemvA8Spec(4, 302, 33, 128, has_offset=True, zero=8),  # last block 46 rows: 11 quads + 2 tail rows
+    QGemvA8Spec(4, 6, 5, 16),  # one block shorter than bs: 1 quad + 2 tail rows, N < one vector
+    QGemvA8Spec(8, 77, 40, None, zero=-128),  # per channel (activation blocks of 32), K % 4 = 1
+    QGemvA8Spec(8, 64, 100, 16, has_offset=True),
+]
+
+
+def _variants() -> list[tuple[Isa, bool, dict]]:
+    """(isa, vbmi, target) for every variant up to this machine's best; AVX2 / generic built for znver3."""
+    from twophase.compiler.lower_tvm import host_target
+
+    host = host_target()["tvm_target"]
+    best, vbmi = isa_for_target(host), vbmi_for_target(host)
+    order = [Isa.GENERIC, Isa.AVX2, Isa.AVX512, Isa.AVX512_VNNI]
+    host, avx2 = tuple(host.items()), tuple(AVX2.items())  # hashable
+    out = [(Isa.GENERIC, False, avx2)]
+    if best is not Isa.GENERIC:
+        for isa in order[1 : order.index(best) + 1]:
+            target = avx2 if isa is Isa.AVX2 else host
+            out += [(isa, False, target)] + ([(isa, True, target)] if vbmi and isa is not Isa.AVX2 else [])
+    return out
+
+
+VARIANTS = _variants()
+FULL = {VARIANTS[-1], (Isa.AVX2, False, tuple(AVX2.items()))} & set(VARIANTS)  # the host's best and the CI machines' variant: every spec
+# the others (other shuffles / dot products) on the 8-bit per-channel spec; AVX-512 without VNNI only with
+# VBMI when the host has it (its shuffle-path twin is the VNNI variant without VBMI): test time < 60 s
+OTHERS = [v for v in VARIANTS if v not in FULL and not (v[0] is Isa.AVX512 and not v[1] and (Isa.AVX512, True, v[2]) in VARIANTS)]
+CASES = [(s, v) for s in SPECS for v in VARIANTS if v in FULL] + [(SPECS[4], v) for v in OTHERS]
+
+
+@functools.cache
+def _kernel(spec: QGemvA8Spec, isa: Isa, vbmi: bool, target: tuple):
+    func = prim_func(spec, isa=isa, vbmi=vbmi)
+    return tvm.compile(func, target=tvm.target.Target(dict(target))).mod
+
+
+def _weights(spec: QGemvA8Spec, rng: np.random.Generator):
+    G = spec.weights.G
+    if spec.bits == 4:
+        codes = rng.integers(0, 16, (spec.K, spec.N)).astype(np.uint8)
+    else:
+        codes = rng.integers(-128, 128, (spec.K, spec.N)).astype(np.int8)  # -128 included
+    scale = (rng.random((G, spec.N)) * 0.02 + 1e-3).astype(np.float32)
+    offset = (rng.standard_normal((G, spec.N)) * 0.01).astype(np.float32) if spec.has_offset else None
+    return codes, scale, offset
+
+
+def _id(case) -> str:
+    s, (isa, vbmi, _) = case
+    return f"b{s.bits}_k{s.K}_n{s.N}_bs{s.block_size}_o{int(s.has_offset)}_z{s.zero}-{isa.value}{'-vbmi' if vbmi else ''}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_matches_reference(case):
+    spec, (isa, vbmi, target) = case
+    rng = np.random.default_rng(spec.K * 7 + spec.N)
+    codes, scale, offset = _weights(spec, rng)
+    mod = _kernel(spec, isa, vbmi, target)
+    fn = mod[prim_func(spec, isa=isa, vbmi=vbmi).attrs["global_symbol"]]
+    packed = [tvm.runtime.tensor(a) for a in pack(spec, codes, scale, offset)]
+    for M in (*range(1, MAX_M + 1), MAX_M + 2):
+        X = rng.standard_normal((M, spec.K)).astype(np.float32)
+        X[0, : min(spec.K, spec.XB)] = 0  # an all-zero activation block (scale 0)
+        Y = tvm.runtime.tensor(np.full((M, spec.N), np.nan, np.float32))
+        fn(tvm.runtime.tensor(X), *packed, Y)
+        if M <= MAX_M:
+            ref = reference(spec, X, codes, scale, offset)
+            tol = 1e-5
+        else:  # the float GEMM (qmatmul's) on the same arrays
+            ref = qmatmul.reference(spec.weights, X, codes, scale, offset)
+            tol = 1e-4
+        np.testing.assert_allclose(Y.numpy(), ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()), err_msg=f"M={M}")
+
+
+def test_reference_is_dequantized_product():
+    """The reference equals the float64 product of the dequantized int8 activations and dequantized weights."""
+    spec = QGemvA8Spec(4, 100, 20, 32, has_offset=True, zero=8)
+    rng = np.random.default_rng(3)
+    codes, scale, offset = _weights(spec, rng)
+    X = rng.standard_normal((2, spec.K)).astype(np.float32)
+    q, sx, _ = quantize_rows(spec, X)
+    xd = q * np.repeat(sx.astype(np.float64), spec.XB, axis=1)[:, : spec.K]
+    rows = np.arange(spec.K) // 32
+    W = (codes.astype(np.float64) - 8) * scale.astype(np.float64)[rows] + offset.astype(np.float64)[rows]
+    np.testing.assert_allclose(reference(spec, X, codes, scale, offset), xd @ W, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", [SPECS[0], SPECS[4]], ids=["b4", "b8"])
+def test_asm_uses_integer_dot_products(spec: QGemvA8Spec):
+    """The host's best variant emits vpdpbusd (AVX512-VNNI); the AVX2 variant vpmaddwd."""
+    for isa, vbmi, target in FULL:
+        if isa not in (Isa.AVX2, Isa.AVX512_VNNI):
+            continue
+        asm = _kernel(spec, isa, vbmi, target).inspect_source("asm")
+        want = "vpdpbusd" if isa is Isa.AVX512_VNNI else "vpmaddwd"
+        assert len(re.findall(rf"\b{want}\b", asm)) > 0, (isa, vbmi)

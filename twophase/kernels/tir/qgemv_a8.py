@@ -1,0 +1,405 @@
+"""Decode GEMV with int8 activations for the TVM backend (the counterpart of ORT MatMulNBits accuracy_level 4):
+Y[M, N] = quant(X[M, K]) @ W[K, N] for a few rows, W in qmatmul.py's packed 4-bit / 8-bit layout.
+
+    W[k, n]   = (codes[k, n] - zero) * s_w[k // bs, n] + o[k // bs, n]          (qmatmul.py's grid)
+    x blocks  of XB rows of K: XB = bs for blocked weights with bs <= 256, else XB_CHANNEL (32), which nests
+              in every weight block; the last block may be partial
+    s_x[m, b] = absmax(X[m, block b]) / 127;  q_x[m, k] = round_half_even(X[m, k] * (1 / s_x[m, b]))   (0 if s_x = 0)
+    Y[m, n]   = sum_b  s_x[m, b] * s_w[g, n] * (sum_{k in b} q_x[m, k] * codes[k, n] - zero * xs[m, b])
+                     + s_x[m, b] * xs[m, b] * o[g, n],          xs[m, b] = sum_{k in b} q_x[m, k],  g = b XB // bs
+
+so Y is exactly the product of the dequantized int8 activations with the dequantized weights; the offset
+term uses the quantized block sum (as MLAS does with its zero points), not the float sum of x. The
+integer dot products are exact on every ISA (int32, no saturation); only the per-block float scaling rounds.
+
+Weights: the arrays of `qmatmul.pack` (one copy, shared with qmatmul's float GEMM, which this kernel runs for
+M > MAX_M). Per quad of 4 rows of K and tile of TN = 32 columns the kernel loads 64 (4-bit: 4 rows x 16
+bytes, two codes a byte) or 128 bytes (8-bit) and transposes them in registers into "quad words": lane j
+holds the 4 codes of column j as bytes (4-bit: after `& 15` / `>> 4`), one shuffle per 16 columns
+(vpermb / vpermt2b on AVX512-VBMI). Then, per row, through `isa`'s dot product:
+    avx512_vnni  vpdpbusd zmm: 4-bit codes are u8 against s8 activations as they are; 8-bit signed codes
+                 go against u8 activations q_x + 128, corrected by 128 * (column sums of the block's codes),
+                 themselves one vpdpbusd of the quad words against a vector of ones per block
+    avx512/avx2  vpmaddwd (zmm / ymm): each quad word split into two int16 pair words, activation pairs
+    generic      int32 multiply-adds per byte (any LLVM target)
+Per call: activation rows are quantized once (serially: M <= MAX_M rows of K), then tiles in parallel keep
+R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M); W is
+prefetched PREFETCH_BYTES ahead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from twophase.kernels.tir import qmatmul
+from twophase.kernels.tir.qmatmul import TN, QMatMulSpec
+from twophase.kernels.tir.qmatmul_int8 import Isa
+
+MAX_M = 4  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
+XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
+PREFETCH_BYTES = 512  # software prefetch distance in W
+AL = 16  # lanes of the vectorized absmax
+
+_VL = {Isa.AVX512_VNNI: 16, Isa.AVX512: 16, Isa.AVX2: 8, Isa.GENERIC: 8}  # int32 lanes per vector
+
+
+@dataclasses.dataclass(frozen=True)
+class QGemvA8Spec:
+    bits: int  # 4 or 8
+    K: int
+    N: int
+    block_size: int | None  # weight block along K; None: per output channel
+    has_offset: bool = False
+    zero: int = 0  # constant code subtracted before scaling (qmatmul.QMatMulSpec.zero)
+
+    def __post_init__(self) -> None:
+        if self.bits not in (4, 8):
+            raise ValueError(f"QGemvA8Spec.bits must be 4 or 8, got {self.bits}")
+        w = self.weights  # validates K, N, block_size
+        if self.K > 1 << 16:
+            raise ValueError(f"K={self.K}: int32 accumulators hold K <= 65536 products")
+        if self.block_size is not None and w.bs > 256 and w.bs % XB_CHANNEL:
+            raise ValueError(f"block_size {self.block_size} > 256 must be a multiple of {XB_CHANNEL}")
+        if self.XB % 4 and self.XB < self.K:
+            raise ValueError(f"block_size {self.block_size} must be a multiple of 4 (quads of K rows)")
+
+    @classmethod
+    def of(cls, spec: QMatMulSpec) -> QGemvA8Spec:
+        return cls(spec.bits, spec.K, spec.N, spec.block_size, spec.has_offset, spec.zero)
+
+    @property
+    def weights(self) -> QMatMulSpec:
+        return QMatMulSpec(self.bits, self.K, self.N, self.block_size, self.has_offset, self.zero)
+
+    @property
+    def XB(self) -> int:
+        """Activation block (rows of K per activation scale)."""
+        bs = self.weights.bs
+        return bs if self.block_size is not None and bs <= 256 else min(XB_CHANNEL, self.K)
+
+    @property
+    def NB(self) -> int:
+        return -(-self.K // self.XB)
+
+
+def param_specs(spec: QGemvA8Spec) -> list[tuple[tuple[int, ...], str]]:
+    return qmatmul.param_specs(spec.weights)
+
+
+def pack(spec: QGemvA8Spec, codes_KN: np.ndarray, scale_GN: np.ndarray, offset_GN: np.ndarray | None = None):
+    """qmatmul.pack's arrays (the same bytes the float kernel reads)."""
+    return qmatmul.pack(spec.weights, codes_KN, scale_GN, offset_GN)
+
+
+def quantize_rows(spec: QGemvA8Spec, X: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """NumPy reference of the activation step: (codes int32 [M, K], s_x float32 [M, NB], xs int64 [M, NB])."""
+    X = np.asarray(X, np.float32)
+    M, K, XB = X.shape[0], spec.K, spec.XB
+    q = np.zeros((M, K), np.int32)
+    sx = np.zeros((M, spec.NB), np.float32)
+    for b in range(spec.NB):
+        blk = X[:, b * XB : (b + 1) * XB]
+        s = (np.abs(blk).max(axis=1) / np.float32(127)).astype(np.float32)
+        inv = np.where(s > 0, np.float32(1) / np.where(s > 0, s, np.float32(1)), np.float32(0)).astype(np.float32)
+        q[:, b * XB : (b + 1) * XB] = np.clip(np.rint(blk * inv[:, None]), -127, 127)
+        sx[:, b] = s
+    xs = np.stack([q[:, b * XB : (b + 1) * XB].sum(axis=1, dtype=np.int64) for b in range(spec.NB)], axis=1)
+    return q, sx, xs
+
+
+def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: np.ndarray,
+              offset_GN: np.ndarray | None = None) -> np.ndarray:
+    """NumPy reference (module doc's formula): exact integer block dots, float64 scaling, float32 [M, N]."""
+    q, sx, xs = quantize_rows(spec, X)
+    bs, XB = spec.weights.bs, spec.XB
+    codes = np.asarray(codes_KN, np.int64)
+    Y = np.zeros((q.shape[0], spec.N), np.float64)
+    for b in range(spec.NB):
+        k0, k1, g = b * XB, min((b + 1) * XB, spec.K), b * XB // bs
+        dot = q[:, k0:k1].astype(np.int64) @ codes[k0:k1] - spec.zero * xs[:, b : b + 1]
+        s = sx[:, b : b + 1].astype(np.float64)
+        Y += dot * s * np.asarray(scale_GN, np.float64)[g]
+        if offset_GN is not None:
+            Y += (s * xs[:, b : b + 1]) * np.asarray(offset_GN, np.float64)[g]
+    return Y.astype(np.float32)
+
+
+def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False):
+    """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
+    qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only)."""
+    name = name or default_name(spec, isa)
+    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512))
+    return func.with_attrs({"global_symbol": name, "tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+
+
+def default_name(spec: QGemvA8Spec, isa: Isa) -> str:
+    q = f"b{spec.bits}_bs{spec.weights.bs if spec.block_size else 0}" + ("_off" if spec.has_offset else "")
+    q += f"_z{spec.zero}".replace("-", "m") if spec.zero else ""
+    return f"qgemv_a8_{q}_k{spec.K}_n{spec.N}_{isa.value}"
+
+
+def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
+    """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec)."""
+    from tvm.script import tirx as T
+
+    K, N, bits, zero, has_offset = spec.K, spec.N, spec.bits, spec.zero, spec.has_offset
+    w = spec.weights
+    NT, G, bs, XB, NB = w.NT, w.G, w.bs, spec.XB, spec.NB
+    NBF, LT = K // XB, K % XB  # full activation blocks, rows of the partial last one
+    KQ = K // 4  # full quads (blocks start at multiples of 4, so the K % 4 tail rows are the last block's)
+    NTF, NTAIL = N // TN, N % TN
+    VL = _VL[isa]
+    NV = TN // VL  # accumulator vectors per row
+    vnni = isa is Isa.AVX512_VNNI
+    pairs = isa in (Isa.AVX512, Isa.AVX2)
+    U8 = 128 if vnni and bits == 8 else 0  # activations as u8 (q + 128) against signed 8-bit codes
+    shifted = U8 != 0
+    wdtype = "uint8" if bits == 4 else "int8"
+    WK = TN // 2 if bits == 4 else TN
+    ROW_BYTES = WK
+    PF = max(4, PREFETCH_BYTES // ROW_BYTES)  # rows ahead
+    i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
+
+    def quad_index(v):  # byte 4j + r of quad word vector v <- column v*VL + j, row r of the loaded bytes
+        idx = []
+        for p in range(4 * VL):
+            j, r = p // 4, p % 4
+            c = v * VL + j
+            idx.append(r * 16 + c if bits == 4 and c < 16 else 64 + r * 16 + c - 16 if bits == 4 else r * 32 + c)
+        return idx
+
+    def quad_words(W, t, k, v):  # the int8 x 4VL quad words of columns v*VL .. v*VL+VL-1, rows k .. k+3
+        if bits == 4:
+            chunk = W.vload([t, k, 0], "uint8x64")
+            idx = quad_index(v)
+            src = T.bitwise_and(chunk, T.broadcast(T.uint8(15), 64)) if idx[0] < 64 else T.shift_right(
+                chunk, T.broadcast(T.uint8(4), 64))
+            idx = [i % 64 for i in idx]
+            if vbmi:
+                return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
+                                               T.reinterpret(src, dtype="int8x64"), _const_bytes(T, idx), dtype=b8v)
+            return T.reinterpret(T.Shuffle([src], idx), dtype=b8v)
+        a = W.vload([t, k, 0], "int8x64")
+        b = W.vload([t, k + 2, 0], "int8x64")
+        idx = quad_index(v)
+        if vbmi:
+            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpermi2var.qi.512"),
+                                           a, _const_bytes(T, idx), b, dtype=b8v)
+        return T.Shuffle([a, b], idx)
+
+    def dot(acc, wq, Xw, Xp, Xc, m, q):
+        # acc + per-lane dot product of quad words wq (int8 x 4VL) with activation codes 4q .. 4q+3 of row m
+        if vnni:
+            xb = T.reinterpret(T.broadcast(Xw[m, q], VL), dtype=b8v)
+            intrin = T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512")
+            if bits == 4:  # u8 codes x s8 activations
+                return T.call_llvm_pure_intrin(intrin, acc, wq, xb, dtype=i32v)
+            return T.call_llvm_pure_intrin(intrin, acc, xb, wq, dtype=i32v)  # u8 activations x s8 codes
+        wv = T.reinterpret(wq, dtype=i32v)
+        if bits == 4:  # bytes 0..15: no sign
+            b = [T.bitwise_and(T.shift_right(wv, 8 * i), 0xFF) for i in range(4)]
+        else:
+            b = [T.shift_right(T.shift_left(wv, 24 - 8 * i), 24) for i in range(4)]
+        if pairs:
+            i16v = f"int16x{2 * VL}"
+            intrin = "llvm.x86.avx512.pmaddw.d.512" if VL == 16 else "llvm.x86.avx2.pmadd.wd"
+            out = acc
+            for h in range(2):
+                pw = T.bitwise_or(T.bitwise_and(b[2 * h], 0xFFFF), T.shift_left(b[2 * h + 1], 16))
+                xp = T.broadcast(Xp[m, 2 * q + h], VL)
+                out = out + T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id(intrin), T.reinterpret(pw, dtype=i16v),
+                                                    T.reinterpret(xp, dtype=i16v), dtype=i32v)
+            return out
+        out = acc
+        for i in range(4):
+            out = out + b[i] * T.broadcast(Xc[m, 4 * q + i], VL)
+        return out
+
+    @T.macro
+    def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[t, k, 0]), 0, 3, 1))
+
+    @T.macro
+    def load_quads(W, wq, t, k, v):
+        wq[v, T.ramp(0, 1, 4 * VL)] = quad_words(W, t, k, v)
+
+    @T.macro
+    def quantize_block(X, Xc, SX, XS, m, b, k0, L):
+        amx = T.alloc_buffer((AL,), "float32", scope="global")
+        for j in T.vectorized(AL):
+            amx[j] = T.float32(0)
+        for i in range(L // AL):
+            for j in T.vectorized(AL):
+                amx[j] = T.max(amx[j], T.fabs(X[m, k0 + i * AL + j]))
+        for i in range(L % AL):
+            amx[0] = T.max(amx[0], T.fabs(X[m, k0 + L // AL * AL + i]))
+        for j in range(AL - 1):
+            amx[0] = T.max(amx[0], amx[j + 1])
+        SX[m, b] = amx[0] / T.float32(127)
+        amx[1] = T.if_then_else(amx[0] > T.float32(0), T.float32(1) / SX[m, b], T.float32(0))  # 1 / s_x
+        for j in T.vectorized(L):
+            Xc[m, k0 + j] = T.Cast("int32", T.nearbyint(T.max(T.min(X[m, k0 + j] * amx[1], T.float32(127)),
+                                                              T.float32(-127))))
+        XS[m, b] = 0
+        for j in range(L):
+            XS[m, b] = XS[m, b] + Xc[m, k0 + j]
+
+    @T.macro
+    def quantize(X, Xc, Xw, Xp, SX, XS, M):
+        for m in range(M):
+            for b in range(NBF):
+                quantize_block(X, Xc, SX, XS, m, b, b * XB, XB)
+            if LT > 0:
+                quantize_block(X, Xc, SX, XS, m, NBF, NBF * XB, LT)
+            if KQ > 0:
+                if vnni:
+                    for q in T.vectorized(KQ):
+                        Xw[m, q] = T.bitwise_or(
+                            T.bitwise_or(T.bitwise_and(Xc[m, 4 * q] + U8, 0xFF),
+                                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 1] + U8, 0xFF), 8)),
+                            T.bitwise_or(T.shift_left(T.bitwise_and(Xc[m, 4 * q + 2] + U8, 0xFF), 16),
+                                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 3] + U8, 0xFF), 24)))
+                if pairs:
+                    for p in T.vectorized(2 * KQ):
+                        Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
+
+    @T.macro
+    def block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, k0, L, R):
+        # A[r, :] += the block's term (module doc) for rows 0..R-1, activation block b = rows k0 .. k0+L-1
+        for r in T.unroll(R):
+            for j in T.vectorized(TN):
+                C[r, j] = 0
+        if shifted:
+            for j in T.vectorized(TN):
+                corr[j] = 0
+        for q in range(L // 4):
+            prefetch(W, t, k0 + 4 * q + PF)
+            if bits == 8:
+                prefetch(W, t, k0 + 4 * q + 2 + PF)
+            load_quads(W, wq, t, k0 + 4 * q, 0)  # shuffle indices are parse-time constants: one call per v
+            load_quads(W, wq, t, k0 + 4 * q, 1)
+            if NV == 4:
+                load_quads(W, wq, t, k0 + 4 * q, 2)
+                load_quads(W, wq, t, k0 + 4 * q, 3)
+            for v in T.unroll(NV):
+                if shifted:
+                    corr[T.ramp(v * VL, 1, VL)] = T.call_llvm_pure_intrin(
+                        T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpdpbusd.512"), corr[T.ramp(v * VL, 1, VL)],
+                        T.reinterpret(T.broadcast(T.int32(0x01010101), VL), dtype=b8v), wq[v, T.ramp(0, 1, 4 * VL)],
+                        dtype=i32v)
+                for r in T.unroll(R):
+                    C[r, T.ramp(v * VL, 1, VL)] = dot(C[r, T.ramp(v * VL, 1, VL)], wq[v, T.ramp(0, 1, 4 * VL)],
+                                                      Xw, Xp, Xc, r, k0 // 4 + q)
+        for i in range(L % 4):  # the K % 4 tail rows: columns in natural order, true (unshifted) activations
+            for r in T.unroll(R):
+                if bits == 4:
+                    for j in T.vectorized(16):
+                        C[r, j] = C[r, j] + T.bitwise_and(T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]), 15) * Xc[
+                            r, k0 + L // 4 * 4 + i]
+                    for j in T.vectorized(16):
+                        C[r, j + 16] = C[r, j + 16] + T.shift_right(T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]),
+                                                                    4) * Xc[r, k0 + L // 4 * 4 + i]
+                else:
+                    for j in T.vectorized(TN):
+                        C[r, j] = C[r, j] + T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]) * Xc[r, k0 + L // 4 * 4 + i]
+        for r in T.unroll(R):
+            for j in T.vectorized(TN):
+                if has_offset:
+                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
+                        SX[r, b] * S[t, k0 // bs, j]) + O[t, k0 // bs, j] * (SX[r, b] * T.Cast("float32", XS[r, b]))
+                else:
+                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
+                        SX[r, b] * S[t, k0 // bs, j])
+
+    @T.macro
+    def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
+        for t in T.parallel(NT):
+            A = T.alloc_buffer((R, TN), "float32", scope="global")
+            C = T.alloc_buffer((R, TN), "int32", scope="global")
+            corr = T.alloc_buffer((TN,), "int32", scope="global")
+            wq = T.alloc_buffer((NV, 4 * VL), "int8", scope="global")
+            for r in T.unroll(R):
+                for j in T.vectorized(TN):
+                    A[r, j] = T.float32(0)
+            if not shifted:
+                for j in T.vectorized(TN):
+                    corr[j] = 0
+            for b in range(NBF):
+                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R)
+            if LT > 0:
+                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
+            if NTAIL == 0 or t < NTF:
+                for r in T.unroll(R):
+                    for j in T.vectorized(TN):
+                        Y[r, t * TN + j] = A[r, j]
+            else:
+                for r in T.unroll(R):
+                    for j in range(NTAIL):
+                        Y[r, t * TN + j] = A[r, j]
+
+    @T.macro
+    def gemv(X, W, S, O, Y, M):
+        Xc = T.alloc_buffer((MAX_M, K), "int32", scope="global")
+        Xw = T.alloc_buffer((MAX_M, max(KQ, 1)), "int32", scope="global")
+        Xp = T.alloc_buffer((MAX_M, max(2 * KQ, 1)), "int32", scope="global")
+        SX = T.alloc_buffer((MAX_M, NB), "float32", scope="global")
+        XS = T.alloc_buffer((MAX_M, NB), "int32", scope="global")
+        quantize(X, Xc, Xw, Xp, SX, XS, M)
+        if M == 1:
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 1)
+        if M == 2:
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 2)
+        if M == 3:
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 3)
+        if M == 4:
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 4)
+
+    gemm = qmatmul.gemm_macro(w)
+
+    @T.macro
+    def body(X, W, S, O, Y, M):
+        if M <= MAX_M:
+            gemv(X, W, S, O, Y, M)
+        else:
+            gemm(X, W, S, O, Y, M)
+
+    if not has_offset:
+
+        @T.prim_func
+        def qgemv_a8(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), S: T.Buffer((NT, G, TN), "float32"),
+                     y_handle: T.handle):
+            M = T.int64()
+            X = T.match_buffer(x_handle, (M, K), "float32")
+            Y = T.match_buffer(y_handle, (M, N), "float32")
+            body(X, W, S, S, Y, M)
+
+    else:
+
+        @T.prim_func
+        def qgemv_a8(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), S: T.Buffer((NT, G, TN), "float32"),
+                     O: T.Buffer((NT, G, TN), "float32"), y_handle: T.handle):
+            M = T.int64()
+            X = T.match_buffer(x_handle, (M, K), "float32")
+            Y = T.match_buffer(y_handle, (M, N), "float32")
+            body(X, W, S, O, Y, M)
+
+    return qgemv_a8
+
+
+def _const_bytes(T, idx: list[int]):
+    """A constant int8 x len(idx) vector (shuffle control): a Shuffle of one broadcast lane per index."""
+    base = T.ramp(T.int8(0), T.int8(1), 128)
+    return T.Shuffle([base], idx)
+
+
+def vbmi_for_target(target) -> bool:
+    """Whether the LLVM target (a Target or its dict) has AVX512-VBMI (single-instruction byte permutes)."""
+    import tvm
+    from tvm.target.codegen import target_has_features
+
+    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if str(t.kind.name) != "llvm" or "x86" not in str(t.attrs.get("mtriple", "x86_64")):
+        return False
+    return bool(target_has_features("avx512vbmi", t))
