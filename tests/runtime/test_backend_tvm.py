@@ -173,3 +173,11 @@ def test_eval_against_ort_twin(artifacts):
     for phase in (report.prefill, report.decode):
         assert abs(phase.dppl_pct) < 0.01 and phase.agreement > 0.99, phase
     assert report.prefill.scheme == report.decode.scheme == "w4a16"
+
+
+def test_eval_gemv_rows_match_the_kernel():
+    """eval scores TVM decode in batches the int8-activation GEMV takes, and prefill in batches it does not."""
+    from twophase.compiler.evaluate import TVM_GEMV_ROWS
+    from twophase.kernels.tir.qgemv_a8 import MAX_M
+
+    assert TVM_GEMV_ROWS == MAX_M

@@ -269,13 +269,18 @@ def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator
         yield _log_softmax(logits[0, :-1])  # (L-1, V): the predicting positions
 
 
+# Rows up to which the TVM backend's decode GEMV runs (int8 activations at accuracy level 4); above it the
+# matmuls take the float GEMM that prefill uses (kernels/tir/qgemv_a8.py).
+TVM_GEMV_ROWS = 4
+
+
 def _run_prefill_steps(
-    phase: Any, manifest: Manifest, windows_WL: np.ndarray, group: int = 4
+    phase: Any, manifest: Manifest, windows_WL: np.ndarray, group: int = 6
 ) -> Iterator[np.ndarray]:
     """_run_prefill for a TVM artifact: its prefill library returns each step's last logits only, so the
     windows run through it teacher-forced, one token per step over the bound cache, `group` windows as one
-    batch (the same per-row arithmetic as a whole window at once: the kernels dequantize exactly and
-    quantize activations per row). Memory: group x L x vocab float32 logits."""
+    batch: more rows than TVM_GEMV_ROWS, so the matmuls take the GEMM path a whole prompt takes (the same
+    per-row arithmetic as the window at once). Memory: group x L x vocab float32 logits."""
     W, L = windows_WL.shape
     V = manifest.model.vocab_size
     cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
@@ -333,23 +338,28 @@ def _decode_scores(
 
 
 def _decode_scores_bound(
-    phase: OrtPhase, manifest: Manifest, windows_BL: np.ndarray, ref_lp: np.ndarray | None
+    phase: OrtPhase, manifest: Manifest, windows_BL: np.ndarray, ref_lp: np.ndarray | None, rows: int | None = None
 ) -> tuple[_Scores, np.ndarray | None]:
-    """_decode_scores for a bound-KV decode graph: the runtime's own cache and decode step."""
+    """_decode_scores for a bound-KV decode graph: the runtime's own cache and decode step, `rows` windows
+    per batch (None: all at once)."""
     B, L = windows_BL.shape
-    cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
-    cache.allocate(B, L)
-    step = phase.decode_step(cache, manifest.model.vocab_size)
-    ones = np.ones(B, dtype=np.int64)
     nll = np.empty((B, L - 1))
     argmax = np.empty((B, L - 1), dtype=np.int32)
     kl = None if ref_lp is None else np.empty((B, L - 1))
-    for t in range(L - 1):
-        lp = _log_softmax(step.run(windows_BL[:, t], cache.lengths + 1, ones))  # (B, V)
-        cache.advance(ones)
-        nll[:, t], argmax[:, t] = _score(lp, windows_BL[:, t + 1])
-        if kl is not None:
-            kl[:, t] = _kl(ref_lp[:, t], lp)
+    cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
+    rows = rows or B
+    for r0 in range(0, B, rows):
+        part = slice(r0, min(B, r0 + rows))
+        wins = windows_BL[part]
+        ones = np.ones(wins.shape[0], dtype=np.int64)
+        cache.allocate(wins.shape[0], L)
+        step = phase.decode_step(cache, manifest.model.vocab_size)
+        for t in range(L - 1):
+            lp = _log_softmax(step.run(wins[:, t], cache.lengths + 1, ones))  # (rows, V)
+            cache.advance(ones)
+            nll[part, t], argmax[part, t] = _score(lp, wins[:, t + 1])
+            if kl is not None:
+                kl[part, t] = _kl(ref_lp[part, t], lp)
     return _Scores(nll, argmax), kl
 
 
@@ -480,7 +490,10 @@ def evaluate_artifact(
         else:
             phase = OrtPhase(resolve(root, entry.graph), entry, name="decode", threads=threads)
         dec_wins = np.ascontiguousarray(wins[dec_idx, :Ld])  # (Bd, Ld)
-        scores, dkl = _decode_scores(phase, manifest, dec_wins, ref_dec_lp)
+        if entry.backend == "tvm":  # decode as deployed: at most GEMV_ROWS rows (the int8-activation GEMV)
+            scores, dkl = _decode_scores_bound(phase, manifest, dec_wins, ref_dec_lp, rows=TVM_GEMV_ROWS)
+        else:
+            scores, dkl = _decode_scores(phase, manifest, dec_wins, ref_dec_lp)
         decode = PhaseEval(
             "decode",
             entry.scheme,
