@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--smoothquant", default=None, metavar="ALPHA|off",
                    help="w8a8 SmoothQuant alpha in [0, 1] (default: 0.4 dynamic, 0.8 static), or off")
     q.add_argument("--accuracy-level", type=int, default=4,
-                   help="ORT MatMulNBits accuracy_level (1 fp32 compute, 4 int8 activations; default 4)")
+                   help="weight-only kernels' accuracy level: 4 (default) int8 activations per block (ORT MatMulNBits; "
+                        "TVM's decode GEMV), 1 float activations (exact dequantization)")
     q.add_argument("--calibration-windows", type=int, default=16, help="512-token calibration windows")
     p.add_argument("--backend", default="ort",
                    help="ort (ONNX Runtime graphs) or tvm (TVM executables with twophase's kernels; needs "
