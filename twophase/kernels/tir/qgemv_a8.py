@@ -6,13 +6,11 @@ Y[M, N] = quant(X[M, K]) @ W[K, N] for a few rows, W in qmatmul.py's packed 4-bi
               in every weight block; the last block may be partial
     s_x[m, b] = absmax(X[m, block b]) / 127;  q_x[m, k] = round_half_even(X[m, k] * (1 / s_x[m, b]))   (0 if s_x = 0)
     Y[m, n]   = sum_b  s_x[m, b] * s_w[g, n] * (sum_{k in b} q_x[m, k] * codes[k, n] - zero * xs[m, b])
-                     + xf[m, b] * o[g, n],     xs[m, b] = sum_{k in b} q_x[m, k],  xf[m, b] = sum_{k in b} X[m, k]
+                     + s_x[m, b] * xs[m, b] * o[g, n],          xs[m, b] = sum_{k in b} q_x[m, k],  g = b XB // bs
 
-(g = b XB // bs). The codes' part is exactly the product of the dequantized int8 activations with the
-dequantized integer grid; the offset term (GGUF Q4_1's large per-block minimum) uses the float block sum of
-x, as ORT's block-sum correction does: with the quantized sum the offset's error dominated (SmolLM2 decode,
-GGUF grid: +0.57% perplexity vs fp32 with the quantized sum). The integer dot products are exact on every
-ISA (int32, no saturation); only the per-block float scaling rounds.
+so Y is exactly the product of the dequantized int8 activations with the dequantized weights; the offset
+term uses the quantized block sum (as MLAS does with its zero points), not the float sum of x. The
+integer dot products are exact on every ISA (int32, no saturation); only the per-block float scaling rounds.
 
 Weights: the arrays of `qmatmul.pack` (one copy, shared with qmatmul's float GEMM, which this kernel runs for
 M > MAX_M). Per quad of 4 rows of K and tile of TN = 32 columns the kernel loads 64 (4-bit: 4 rows x 16
@@ -123,9 +121,8 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
         dot = q[:, k0:k1].astype(np.int64) @ codes[k0:k1] - spec.zero * xs[:, b : b + 1]
         s = sx[:, b : b + 1].astype(np.float64)
         Y += dot * s * np.asarray(scale_GN, np.float64)[g]
-        if offset_GN is not None:  # the float block sum of x, as ORT's offset correction (ReduceSum of x)
-            xf = np.asarray(X, np.float32)[:, k0:k1].sum(axis=1, dtype=np.float64)[:, None]
-            Y += xf * np.asarray(offset_GN, np.float64)[g]
+        if offset_GN is not None:
+            Y += (s * xs[:, b : b + 1]) * np.asarray(offset_GN, np.float64)[g]
     return Y.astype(np.float32)
 
 
@@ -229,7 +226,7 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
         wq[v, T.ramp(0, 1, 4 * VL)] = quad_words(W, t, k, v)
 
     @T.macro
-    def quantize_block(X, Xc, SX, XS, XF, m, b, k0, L):
+    def quantize_block(X, Xc, SX, XS, m, b, k0, L):
         amx = T.alloc_buffer((AL,), "float32", scope="global")
         for j in T.vectorized(AL):
             amx[j] = T.float32(0)
@@ -248,18 +245,14 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
         XS[m, b] = 0
         for j in range(L):
             XS[m, b] = XS[m, b] + Xc[m, k0 + j]
-        if has_offset:
-            XF[m, b] = T.float32(0)
-            for j in range(L):
-                XF[m, b] = XF[m, b] + X[m, k0 + j]
 
     @T.macro
-    def quantize(X, Xc, Xw, Xp, SX, XS, XF, M):
+    def quantize(X, Xc, Xw, Xp, SX, XS, M):
         for m in range(M):
             for b in range(NBF):
-                quantize_block(X, Xc, SX, XS, XF, m, b, b * XB, XB)
+                quantize_block(X, Xc, SX, XS, m, b, b * XB, XB)
             if LT > 0:
-                quantize_block(X, Xc, SX, XS, XF, m, NBF, NBF * XB, LT)
+                quantize_block(X, Xc, SX, XS, m, NBF, NBF * XB, LT)
             if KQ > 0:
                 if vnni:
                     for q in T.vectorized(KQ):
@@ -273,7 +266,7 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
                         Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
 
     @T.macro
-    def block(W, S, O, Xc, Xw, Xp, SX, XS, XF, A, C, corr, wq, t, b, k0, L, R):
+    def block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, k0, L, R):
         # A[r, :] += the block's term (module doc) for rows 0..R-1, activation block b = rows k0 .. k0+L-1
         for r in T.unroll(R):
             for j in T.vectorized(TN):
@@ -315,13 +308,13 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
             for j in T.vectorized(TN):
                 if has_offset:
                     A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
-                        SX[r, b] * S[t, k0 // bs, j]) + O[t, k0 // bs, j] * XF[r, b]
+                        SX[r, b] * S[t, k0 // bs, j]) + O[t, k0 // bs, j] * (SX[r, b] * T.Cast("float32", XS[r, b]))
                 else:
                     A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
                         SX[r, b] * S[t, k0 // bs, j])
 
     @T.macro
-    def tiles(W, S, O, Xc, Xw, Xp, SX, XS, XF, Y, R):
+    def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
         for t in T.parallel(NT):
             A = T.alloc_buffer((R, TN), "float32", scope="global")
             C = T.alloc_buffer((R, TN), "int32", scope="global")
@@ -334,9 +327,9 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
                 for j in T.vectorized(TN):
                     corr[j] = 0
             for b in range(NBF):
-                block(W, S, O, Xc, Xw, Xp, SX, XS, XF, A, C, corr, wq, t, b, b * XB, XB, R)
+                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R)
             if LT > 0:
-                block(W, S, O, Xc, Xw, Xp, SX, XS, XF, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
+                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
             if NTAIL == 0 or t < NTF:
                 for r in T.unroll(R):
                     for j in T.vectorized(TN):
@@ -353,16 +346,15 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
         Xp = T.alloc_buffer((MAX_M, max(2 * KQ, 1)), "int32", scope="global")
         SX = T.alloc_buffer((MAX_M, NB), "float32", scope="global")
         XS = T.alloc_buffer((MAX_M, NB), "int32", scope="global")
-        XF = T.alloc_buffer((MAX_M, NB), "float32", scope="global")  # float block sums (offset term)
-        quantize(X, Xc, Xw, Xp, SX, XS, XF, M)
+        quantize(X, Xc, Xw, Xp, SX, XS, M)
         if M == 1:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, XF, Y, 1)
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 1)
         if M == 2:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, XF, Y, 2)
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 2)
         if M == 3:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, XF, Y, 3)
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 3)
         if M == 4:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, XF, Y, 4)
+            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 4)
 
     gemm = qmatmul.gemm_macro(w)
 
