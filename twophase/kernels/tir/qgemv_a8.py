@@ -9,7 +9,9 @@ Y[M, N] = quant(X[M, K]) @ W[K, N] for a few rows, W in qmatmul.py's packed 4-bi
                      + s_x[m, b] * xs[m, b] * o[g, n],          xs[m, b] = sum_{k in b} q_x[m, k],  g = b XB // bs
 
 so Y is exactly the product of the dequantized int8 activations with the dequantized weights; the offset
-term uses the quantized block sum (as MLAS does with its zero points), not the float sum of x. The
+term uses the quantized block sum (as MLAS does with its zero points), not the float sum of x: with the float
+sum, the error of the codes' part (|d * c|, large for GGUF Q4_1 whose minimum m nearly cancels it) is no longer
+cancelled by the offset's (SmolLM2 decode, GGUF grid, level 4: +1.78% perplexity vs fp32 instead of +0.57%). The
 integer dot products are exact on every ISA (int32, no saturation); only the per-block float scaling rounds.
 
 Weights: the arrays of `qmatmul.pack` (one copy, shared with qmatmul's float GEMM, which this kernel runs for
