@@ -286,6 +286,9 @@ def _run_prefill_steps(
     cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
     for start in range(0, W, group):
         rows = windows_WL[start : start + group]
+        real = rows.shape[0]
+        if real <= TVM_GEMV_ROWS:  # a short last group: pad with copies so it too takes the GEMM path
+            rows = np.concatenate([rows, np.repeat(rows[:1], TVM_GEMV_ROWS + 1 - real, axis=0)])
         B = rows.shape[0]
         ones = np.ones(B, dtype=np.int64)
         cache.allocate(B, L)
@@ -294,7 +297,7 @@ def _run_prefill_steps(
         for t in range(L - 1):
             logits[:, t] = step.run(rows[:, t], cache.lengths + 1, ones)
             cache.advance(ones)
-        for b in range(B):
+        for b in range(real):
             yield _log_softmax(logits[b])
 
 
