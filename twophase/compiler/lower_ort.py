@@ -93,25 +93,30 @@ def _check(path: Path, phase: str) -> None:
         ) from e
 
 
+def write_blob(key: str, data: bytes, weights, written: dict, stats: WeightsStats) -> tuple[int, int]:
+    """(offset, length) of `data` in the open weights file: written once per distinct (key, content), large
+    blobs page-aligned (memory-mappable), small ones SMALL_ALIGN-aligned; `written` maps content to place."""
+    digest = hashlib.sha256(key.encode() + b"|" + data).digest()
+    if digest in written:
+        offset, length = written[digest]
+        stats.tensors_shared += 1
+        stats.bytes_shared += length
+        return offset, length
+    align = PAGE if len(data) >= 64 * 1024 else SMALL_ALIGN
+    offset = -weights.tell() % align + weights.tell()
+    weights.seek(offset)
+    weights.write(data)
+    written[digest] = (offset, len(data))
+    stats.tensors_written += 1
+    stats.bytes_written += len(data)
+    return offset, len(data)
+
+
 def _externalize(value: ir.Value, weights, written: dict, stats: WeightsStats, out_dir: Path) -> None:
     tensor = value.const_value
     if tensor is None or tensor.nbytes < SIZE_THRESHOLD:
         return
-    data = tensor.tobytes()
-    key = hashlib.sha256(f"{tensor.dtype}|{tuple(tensor.shape)}|".encode() + data).digest()
-    if key in written:
-        offset, length = written[key]
-        stats.tensors_shared += 1
-        stats.bytes_shared += length
-    else:
-        align = PAGE if len(data) >= 64 * 1024 else SMALL_ALIGN
-        offset = -weights.tell() % align + weights.tell()
-        weights.seek(offset)
-        weights.write(data)
-        length = len(data)
-        written[key] = (offset, length)
-        stats.tensors_written += 1
-        stats.bytes_written += length
+    offset, length = write_blob(f"{tensor.dtype}|{tuple(tensor.shape)}", tensor.tobytes(), weights, written, stats)
     value.const_value = ir.ExternalTensor(
         WEIGHTS_FILE,
         offset=offset,

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import logging
 import operator
@@ -42,7 +41,7 @@ import numpy as np
 import onnx_ir as ir
 
 from twophase.compiler.errors import PassError, UnsupportedModelError
-from twophase.compiler.lower_ort import PAGE, SMALL_ALIGN, WEIGHTS_FILE, WeightsStats, tensor_spec
+from twophase.compiler.lower_ort import WEIGHTS_FILE, WeightsStats, tensor_spec, write_blob
 from twophase.compiler.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -351,19 +350,5 @@ def _gqa_converter(frontend, kernels: dict):
 
 
 def _write_param(name: str, array: np.ndarray, weights, written: dict, stats: WeightsStats) -> dict:
-    data = array.tobytes()
-    key = hashlib.sha256(f"{array.dtype}|{array.shape}|".encode() + data).digest()
-    if key in written:
-        offset, length = written[key]
-        stats.tensors_shared += 1
-        stats.bytes_shared += length
-    else:
-        align = PAGE if len(data) >= 64 * 1024 else SMALL_ALIGN
-        offset = -weights.tell() % align + weights.tell()
-        weights.seek(offset)
-        weights.write(data)
-        length = len(data)
-        written[key] = (offset, length)
-        stats.tensors_written += 1
-        stats.bytes_written += length
+    offset, length = write_blob(f"{array.dtype}|{array.shape}", array.tobytes(), weights, written, stats)
     return {"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "length": length}

@@ -189,6 +189,24 @@ def _activation_pass(po: PhaseOptions, calibration: Calibration, model: ir.Model
     )
 
 
+def _weight_only_options(po: PhaseOptions, options: CompileOptions) -> PhaseOptions | None:
+    """The weight-only format of a phase: its own scheme, or, for the MatMuls w8a8 leaves in float (the
+    lm_head, one position in prefill) and the embedding, the decode phase's, so both phases share those weights."""
+    if po.scheme in WEIGHT_ONLY:
+        return po
+    if po.scheme is QuantScheme.W8A8 and options.decode.scheme in WEIGHT_ONLY:
+        return options.decode
+    return None
+
+
+def _quantize_weights_step(weight_po: PhaseOptions, calibration: Calibration) -> Step:
+    from twophase.passes.quantize_weights import QuantizeWeightsPass
+
+    if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
+        raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
+    return lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration))
+
+
 def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     po = options.phase(phase)
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
@@ -198,19 +216,11 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
         # The lm_head runs on one position in prefill (a GEMV): it is left to the weight-only step below.
         steps.append(lambda m: _activation_pass(po, calibration, m))
         steps.append(FuseInt8MatMulPass())
-    # Weight-only quantization: the phase's own scheme, or, for the MatMuls w8a8 left in float (the
-    # lm_head) and the embedding, the decode phase's weight format, so both phases share those weights.
-    weight_po = po if po.scheme in WEIGHT_ONLY else None
-    if po.scheme is QuantScheme.W8A8 and options.decode.scheme in WEIGHT_ONLY:
-        weight_po = options.decode
+    weight_po = _weight_only_options(po, options)
     if weight_po is not None:
         from twophase.passes.fuse_dequant_matmul import FuseDequantMatMulPass
-        from twophase.passes.quantize_weights import QuantizeWeightsPass
 
-        if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
-            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
-        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
-        steps.append(FuseDequantMatMulPass(weight_po.accuracy_level))
+        steps += [_quantize_weights_step(weight_po, calibration), FuseDequantMatMulPass(weight_po.accuracy_level)]
     if options.kv_binding is KVBinding.BOUND:
         from twophase.passes.bind_kv_cache import BindKVCachePass
 
@@ -252,16 +262,9 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     if po.scheme is QuantScheme.W8A8:
         # as for ORT: the lm_head (one position in prefill) is left to the weight-only step below
         steps.append(lambda m: _activation_pass(po, calibration, m))
-    # weight-only: the phase's own scheme, or for w8a8 the decode phase's format (lm_head, embedding)
-    weight_po = po if po.scheme in WEIGHT_ONLY else None
-    if po.scheme is QuantScheme.W8A8 and options.decode.scheme in WEIGHT_ONLY:
-        weight_po = options.decode
+    weight_po = _weight_only_options(po, options)
     if weight_po is not None:
-        from twophase.passes.quantize_weights import QuantizeWeightsPass
-
-        if weight_po.algorithm is WeightAlgorithm.GPTQ and weight_po.scheme is not QuantScheme.W4A16:
-            raise UnsupportedModelError("gptq is implemented for w4a16; use rtn for w8a16")
-        steps.append(lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration)))
+        steps.append(_quantize_weights_step(weight_po, calibration))
     # accuracy_level 4: int8-activation GEMV for few rows; from the weights' options, as the ORT target's
     # level (for w8a8 prefill: the decode phase's, which quantized the lm_head)
     level = weight_po.accuracy_level if weight_po is not None else 0
