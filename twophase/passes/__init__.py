@@ -10,7 +10,8 @@
     BindKVCachePass          bind_kv_cache.py         ORT: attention -> GroupQueryAttention over in-place KV buffers
     FuseSkipNormPass         fuse_skip_norm.py        ORT: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization
     PackProjectionsPass      pack_projections.py      ORT: q/k/v and gate/up packed into one MatMul each
-    DecomposeAttentionPass   decompose_attention.py   opset-23 RotaryEmbedding / Attention -> standard ops (TVM)
+    FuseTVMKernelsPass       fuse_tvm_kernels.py      TVM: weight MatMuls / quantized Gather -> twophase's kernels
+    DecomposeAttentionPass   decompose_attention.py   opset-23 RotaryEmbedding / Attention -> standard ops
 
 Names are imported lazily so that importing one pass does not import every other.
 """
@@ -31,6 +32,7 @@ _LAZY = {
     "BindKVCachePass": "twophase.passes.bind_kv_cache",
     "FuseSkipNormPass": "twophase.passes.fuse_skip_norm",
     "PackProjectionsPass": "twophase.passes.pack_projections",
+    "FuseTVMKernelsPass": "twophase.passes.fuse_tvm_kernels",
     "DecomposeAttentionPass": "twophase.passes.decompose_attention",
 }
 

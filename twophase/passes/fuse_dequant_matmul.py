@@ -171,6 +171,18 @@ def read_dequant(value: ir.Value | None, reduce_axis: int) -> _Dequant:
     return _Dequant(node, codes, node.inputs[0], bits, signed, np.ascontiguousarray(scale), zp, block)
 
 
+def split_offset(w: ir.Value | None) -> tuple[ir.Value | None, ir.Value | None]:
+    """(the DequantizeLinear side, the float offset) of a weight Add(DequantizeLinear(...), offset) — the
+    GGUF Q4_1 form of QuantizeWeightsPass — or (w, None) for any other weight."""
+    producer = w.producer() if w is not None else None
+    if producer is None or producer.op_type != "Add" or producer.domain not in ("", "ai.onnx"):
+        return w, None
+    a, b = producer.inputs
+    if a is not None and a.producer() is not None and a.producer().op_type == "DequantizeLinear":
+        return a, b
+    return b, a
+
+
 def _const_ints(value: ir.Value | None) -> list[int] | None:
     tensor = value.const_value if value is not None else None
     return None if tensor is None else [int(v) for v in tensor.numpy().reshape(-1)]
@@ -275,15 +287,7 @@ class FuseDequantMatMulPass(ir.passes.InPlacePass):
             raise NoMatch("MatMul input A is not known to be float32")
         if x.shape is None or len(x.shape) < 2:
             raise NoMatch("MatMul input A has unknown rank or rank < 2")
-        offset_value = None
-        producer = w.producer() if w is not None else None
-        if producer is not None and producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
-            a, b = producer.inputs
-            dq_side = (
-                a if a is not None and a.producer() is not None and a.producer().op_type == "DequantizeLinear" else b
-            )
-            offset_value = b if dq_side is a else a
-            w = dq_side
+        w, offset_value = split_offset(w)
         dq = read_dequant(w, reduce_axis=0)
         if dq.zero_point is not None and offset_value is not None:
             raise NoMatch("both an integer zero point and a float offset")

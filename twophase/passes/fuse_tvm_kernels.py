@@ -56,7 +56,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from twophase.passes.fuse_dequant_matmul import NoMatch, read_dequant, read_offset, replace_node
+from twophase.passes.fuse_dequant_matmul import NoMatch, read_dequant, read_offset, replace_node, split_offset
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,7 @@ class FuseTVMKernelsPass(ir.passes.InPlacePass):
             if key not in cache:
                 cache[key] = self._initializers(graph, w.name, pack(spec, W))
         else:
-            offset_value = None
-            producer = w.producer() if w is not None else None
-            if producer is not None and producer.op_type == "Add" and producer.domain in ("", "ai.onnx"):
-                a, b = producer.inputs
-                is_dq = a is not None and a.producer() is not None and a.producer().op_type == "DequantizeLinear"
-                w, offset_value = (a, b) if is_dq else (b, a)
+            w, offset_value = split_offset(w)
             dq = read_dequant(w, reduce_axis=0)
             K, N = dq.codes.shape
             G = dq.scale.shape[0]
