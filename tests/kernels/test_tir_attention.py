@@ -17,14 +17,19 @@ TARGET = tvm.target.Target({"kind": "llvm", "mcpu": "znver3"})
 ORDER = ("x_q", "x_k", "x_v", "past_k", "past_v", "seqlens_k", "cos", "sin", "query_seqlens")
 
 
-def _ort_session(Hq: int, Hkv: int, D: int, scale: float | None, softcap: float, interleaved: bool):
+def _ort_session(Hq: int, Hkv: int, D: int, scale: float | None, softcap: float, interleaved: bool,
+                 packed: bool = False):
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
     vi = helper.make_tensor_value_info
-    inputs = [vi("x_q", f32, ["B", "S", Hq * D]), vi("x_k", f32, ["B", "S", Hkv * D]), vi("x_v", f32, ["B", "S", Hkv * D]),
+    qkv = ([vi("x_qkv", f32, ["B", "S", (Hq + 2 * Hkv) * D])] if packed else
+           [vi("x_q", f32, ["B", "S", Hq * D]), vi("x_k", f32, ["B", "S", Hkv * D]), vi("x_v", f32, ["B", "S", Hkv * D])])
+    inputs = qkv + [
               vi("past_k", f32, ["B", Hkv, "C", D]), vi("past_v", f32, ["B", Hkv, "C", D]), vi("seqlens_k", i32, ["B"]),
               vi("total", i32, []), vi("cos", f32, ["L", D // 2]), vi("sin", f32, ["L", D // 2]),
               vi("query_seqlens", i32, ["B"])]
-    names = [v.name for v in inputs[:9]] + [""] * 7 + ["query_seqlens"]
+    names = [v.name for v in inputs[:-1]] + [""] * 7 + ["query_seqlens"]
+    if packed:
+        names = names[:1] + ["", ""] + names[1:]
     attrs = {"num_heads": Hq, "kv_num_heads": Hkv, "do_rotary": 1, "rotary_interleaved": int(interleaved)}
     if scale is not None:
         attrs["scale"] = scale
@@ -55,6 +60,13 @@ def _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, seed=0):
     }
 
 
+def _packed(feeds: dict) -> dict:
+    """The feeds with x_q, x_k, x_v packed into x_qkv (GroupQueryAttention's packed QKV input)."""
+    out = {k: v for k, v in feeds.items() if k not in ("x_q", "x_k", "x_v")}
+    out["x_qkv"] = np.concatenate([feeds["x_q"], feeds["x_k"], feeds["x_v"]], axis=-1)
+    return out
+
+
 def _run_ort(session, feeds):
     io = session.io_binding()
     arrays = {k: a.copy() for k, a in feeds.items()}  # an OrtValue does not keep its array alive
@@ -68,29 +80,36 @@ def _run_ort(session, feeds):
     return io.get_outputs()[0].numpy(), arrays["past_k"], arrays["past_v"]
 
 
-def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds):
-    func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved)
+def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False):
+    func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed)
     kernel = tvm.compile(func, target=TARGET)["main"]
     B, S, _ = feeds["x_q"].shape
-    args = [tvm.runtime.tensor(feeds[k]) for k in ORDER] + [tvm.runtime.tensor(np.zeros((B, S, Hq * D), np.float32))]
+    order = ("x_qkv",) + ORDER[3:] if packed else ORDER
+    inputs = _packed(feeds) if packed else feeds
+    args = [tvm.runtime.tensor(inputs[k]) for k in order] + [tvm.runtime.tensor(np.full((B, S, Hq * D), np.nan, np.float32))]
     kernel(*args)
-    return args[-1].numpy(), args[3].numpy(), args[4].numpy()
+    caches = len(order) - 6
+    return args[-1].numpy(), args[caches].numpy(), args[caches + 1].numpy()
 
 
-def _check(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, *, scale=None, softcap=0.0, interleaved=False):
+def _check(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, *, scale=None, softcap=0.0, interleaved=False,
+           packed=False):
     feeds = _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens)
-    y_ref, k_ref, v_ref = _run_ort(_ort_session(Hq, Hkv, D, scale, softcap, interleaved), feeds)
-    y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds)
+    session = _ort_session(Hq, Hkv, D, scale, softcap, interleaved, packed)
+    y_ref, k_ref, v_ref = _run_ort(session, _packed(feeds) if packed else feeds)
+    y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed)
     for b, n in enumerate(query_seqlens):
         np.testing.assert_allclose(y[b, :n], y_ref[b, :n], rtol=1e-5, atol=1e-5, err_msg=f"output row {b}")
+        np.testing.assert_array_equal(y[b, n:], 0, err_msg=f"padding rows of row {b} (idle: all) are zeros")
     np.testing.assert_allclose(k, k_ref, rtol=1e-5, atol=1e-5, err_msg="key cache")
     np.testing.assert_array_equal(v, v_ref, err_msg="value cache")
     return feeds, k, v
 
 
-@pytest.mark.parametrize("interleaved", [False, True])
-def test_decode_rows_of_different_lengths_with_an_idle_row(interleaved):
-    feeds, k, v = _check(4, 2, 16, 1, 48, seqlens_k=[9, 20, 40], query_seqlens=[1, 0, 1], interleaved=interleaved)
+@pytest.mark.parametrize(("interleaved", "packed"), [(False, False), (True, False), (False, True)])
+def test_decode_rows_of_different_lengths_with_an_idle_row(interleaved, packed):
+    feeds, k, v = _check(4, 2, 16, 1, 48, seqlens_k=[9, 20, 40], query_seqlens=[1, 0, 1], interleaved=interleaved,
+                         packed=packed)
     np.testing.assert_array_equal(k[1], feeds["past_k"][1])  # the idle row's cache bytes are untouched
     np.testing.assert_array_equal(v[1], feeds["past_v"][1])
     for b, pos in ((0, 9), (2, 40)):  # the other rows change exactly at their new position
@@ -105,8 +124,9 @@ def test_prefill_right_padded_with_a_chunked_row(Hq, Hkv, D, interleaved):
     _check(Hq, Hkv, D, 7, 64, seqlens_k=[4, 36], query_seqlens=[5, 7], interleaved=interleaved)
 
 
-def test_long_prefill_many_query_and_key_blocks():
-    _check(4, 2, 16, 45, 128, seqlens_k=[44, 99, 20], query_seqlens=[45, 40, 0])
+@pytest.mark.parametrize("packed", [False, True])
+def test_long_prefill_many_query_and_key_blocks(packed):
+    _check(4, 2, 16, 45, 128, seqlens_k=[44, 99, 20], query_seqlens=[45, 40, 0], packed=packed)
 
 
 @pytest.mark.parametrize("B", [1, 16])
@@ -129,6 +149,9 @@ def test_signature_and_attributes():
     assert [str(p.dtype) for p in func.params][5:] == ["int32", "float32", "float32", "int32", "float32"]
     assert bool(func.attrs["tir.noalias"]) and bool(func.attrs["tir.is_scheduled"])
     assert int(func.attrs["op_pattern"]) == 8
+    packed = gqa_prim_func(9, 3, 64, scale=None, softcap=0.0, interleaved=False, packed=True)
+    assert [[str(d) for d in p.shape] for p in packed.params][:2] == [["B", "S", "960"], ["B", "3", "C", "64"]]
+    assert len(packed.params) == len(func.params) - 2
 
 
 def test_unsupported_shapes_are_refused():

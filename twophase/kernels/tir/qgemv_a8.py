@@ -36,6 +36,8 @@ import dataclasses
 import numpy as np
 
 from twophase.kernels.tir import qmatmul
+from twophase.kernels.tir.fusion import Fusion
+from twophase.kernels.tir.fusion import entry as fusion_entry
 from twophase.kernels.tir.qmatmul import TN, QMatMulSpec
 from twophase.kernels.tir.qmatmul_int8 import Isa
 
@@ -128,22 +130,26 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
     return Y.astype(np.float32)
 
 
-def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False):
+def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False,
+              fusion: Fusion = Fusion(), rank: int = 2):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
-    qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only)."""
-    name = name or default_name(spec, isa)
-    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512))
-    return func.with_attrs({"global_symbol": name, "tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+    qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only).
+    With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
+    rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
+    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank)
+    return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
-def default_name(spec: QGemvA8Spec, isa: Isa) -> str:
+def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
     q = f"b{spec.bits}_bs{spec.weights.bs if spec.block_size else 0}" + ("_off" if spec.has_offset else "")
     q += f"_z{spec.zero}".replace("-", "m") if spec.zero else ""
-    return f"qgemv_a8_{q}_k{spec.K}_n{spec.N}_{isa.value}"
+    return f"qgemv_a8_{q}_k{spec.K}_n{spec.N}{fusion.tag}_{isa.value}"
 
 
-def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
-    """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec)."""
+def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fusion: Fusion = Fusion(),
+           rank: int = 2):
+    """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
+    `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
     from tvm.script import tirx as T
 
     K, N, bits, zero, has_offset = spec.K, spec.N, spec.bits, spec.zero, spec.has_offset
@@ -367,27 +373,10 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool):
         else:
             gemm(X, W, S, O, Y, M)
 
-    if not has_offset:
-
-        @T.prim_func
-        def qgemv_a8(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), S: T.Buffer((NT, G, TN), "float32"),
-                     y_handle: T.handle):
-            M = T.int64()
-            X = T.match_buffer(x_handle, (M, K), "float32")
-            Y = T.match_buffer(y_handle, (M, N), "float32")
-            body(X, W, S, S, Y, M)
-
-    else:
-
-        @T.prim_func
-        def qgemv_a8(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), S: T.Buffer((NT, G, TN), "float32"),
-                     O: T.Buffer((NT, G, TN), "float32"), y_handle: T.handle):
-            M = T.int64()
-            X = T.match_buffer(x_handle, (M, K), "float32")
-            Y = T.match_buffer(y_handle, (M, N), "float32")
-            body(X, W, S, O, Y, M)
-
-    return qgemv_a8
+    if macro is not None:
+        return body
+    return fusion_entry(body, K=K, N=N, NT=NT, G=G, WK=WK, wdtype=wdtype, TN=TN, quant=True, has_offset=has_offset,
+                        fusion=fusion, rank=rank)
 
 
 def _const_bytes(T, idx: list[int]):

@@ -36,6 +36,9 @@ import dataclasses
 
 import numpy as np
 
+from twophase.kernels.tir.fusion import Fusion
+from twophase.kernels.tir.fusion import entry as fusion_entry
+
 TN = 32  # columns per N tile: the packed layout's tile and the unit of parallel work
 MR = 6  # GEMM register tile rows (the leftover-row variants in _build assume 6)
 NR = 16  # GEMM register tile columns (2 ymm)
@@ -154,17 +157,17 @@ def reference(
     return (np.asarray(X, np.float64) @ W).astype(np.float32)
 
 
-def prim_func(spec: QMatMulSpec, name: str | None = None):
-    """The scheduled kernel: args X [M, K], *pack(spec) arrays, Y [M, N] (M a symbolic int64, any M >= 1)."""
-    name = name or _default_name(spec)
-    func = _build(spec)
-    return func.with_attrs({"global_symbol": name, "tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+def prim_func(spec: QMatMulSpec, name: str | None = None, fusion: Fusion = Fusion(), rank: int = 2):
+    """The scheduled kernel: args X [M, K], *pack(spec) arrays, Y [M, N] (M a symbolic int64, any M >= 1);
+    with a `fusion` (kernels/tir/fusion.py), its gamma before the arrays and its residual R [M, N] before Y.
+    rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
+    return _build(spec, fusion=fusion, rank=rank).with_attr("global_symbol", name or default_name(spec, fusion))
 
 
-def _default_name(spec: QMatMulSpec) -> str:
+def default_name(spec: QMatMulSpec, fusion: Fusion = Fusion()) -> str:
     q = f"b{spec.bits}" + ("" if spec.bits == 32 else f"_bs{spec.bs}") + ("_off" if spec.has_offset else "")
     q += f"_z{spec.zero}" if spec.zero else ""
-    return f"qmatmul_{q}_k{spec.K}_n{spec.N}"
+    return f"qmatmul_{q}_k{spec.K}_n{spec.N}{fusion.tag}".replace("-", "m")
 
 
 def gemm_macro(spec: QMatMulSpec):
@@ -173,9 +176,9 @@ def gemm_macro(spec: QMatMulSpec):
     return _build(spec, macro="gemm")
 
 
-def _build(spec: QMatMulSpec, macro: str | None = None):
+def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(), rank: int = 2):
     """TVMScript of the kernel; Python-level `if`s below are resolved at parse time (one variant per spec).
-    `macro`: return that path's macro instead of the PrimFunc."""
+    `macro`: return that path's macro (gemv, gemm, or body = either by M) instead of the PrimFunc."""
     from tvm.script import tirx as T
 
     K, N, NT, G, bs, bits = spec.K, spec.N, spec.NT, spec.G, spec.bs, spec.bits
@@ -365,44 +368,6 @@ def _build(spec: QMatMulSpec, macro: str | None = None):
             gemm(X, W, S, O, Y, M)
 
     if macro is not None:
-        return {"gemv": gemv, "gemm": gemm}[macro]
-
-    if not quant:
-
-        @T.prim_func
-        def qmatmul(x_handle: T.handle, W: T.Buffer((NT, K, WK), wdtype), y_handle: T.handle):
-            M = T.int64()
-            X = T.match_buffer(x_handle, (M, K), "float32")
-            Y = T.match_buffer(y_handle, (M, N), "float32")
-            body(X, W, W, W, Y, M)
-
-    elif not has_offset:
-
-        @T.prim_func
-        def qmatmul(
-            x_handle: T.handle,
-            W: T.Buffer((NT, K, WK), wdtype),
-            S: T.Buffer((NT, G, TN), "float32"),
-            y_handle: T.handle,
-        ):
-            M = T.int64()
-            X = T.match_buffer(x_handle, (M, K), "float32")
-            Y = T.match_buffer(y_handle, (M, N), "float32")
-            body(X, W, S, S, Y, M)
-
-    else:
-
-        @T.prim_func
-        def qmatmul(
-            x_handle: T.handle,
-            W: T.Buffer((NT, K, WK), wdtype),
-            S: T.Buffer((NT, G, TN), "float32"),
-            O: T.Buffer((NT, G, TN), "float32"),
-            y_handle: T.handle,
-        ):
-            M = T.int64()
-            X = T.match_buffer(x_handle, (M, K), "float32")
-            Y = T.match_buffer(y_handle, (M, N), "float32")
-            body(X, W, S, O, Y, M)
-
-    return qmatmul
+        return {"gemv": gemv, "gemm": gemm, "body": body}[macro]
+    return fusion_entry(body, K=K, N=N, NT=NT, G=G, WK=WK, wdtype=wdtype, TN=TN, quant=quant, has_offset=has_offset,
+                        fusion=fusion, rank=rank)
