@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(bound where the attention matches, default)")
     k.add_argument("--kv-dtype", default="float32", help="float32, or int8 (bound only; scales calibrated on text)")
     k.add_argument("--no-fusions", action="store_true",
-                   help="skip the ORT fusions (SkipSimplifiedLayerNormalization, packed q/k/v and gate/up)")
+                   help="skip the fusions (packed q/k/v and gate/up; ORT: SkipSimplifiedLayerNormalization; "
+                        "TVM: norms, SwiGLU and residual adds inside the matmul kernels)")
     k.add_argument("--prefill-chunk", type=int, default=512, help="bound: longest prompt step in tokens (default 512)")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
 

@@ -14,7 +14,9 @@ from twophase.compiler.graph_diff import op_histogram
 from twophase.compiler.options import ActivationMode, Phase, WeightAlgorithm
 from twophase.passes.bind_kv_cache import BindKVCachePass
 from twophase.passes.cleanup import CleanupPass
+from twophase.passes.fuse_tvm_elementwise import FuseTVMElementwisePass
 from twophase.passes.fuse_tvm_kernels import TVM_DOMAIN, FuseTVMKernelsPass, _affine
+from twophase.passes.pack_projections import PackProjectionsPass
 from twophase.passes.quantize_activations import QuantizeActivationsPass, produces_graph_output, quantizable_matmuls
 from twophase.passes.quantize_weights import QuantizeWeightsPass
 from twophase.passes.split_phases import SplitPhasesPass
@@ -95,9 +97,18 @@ def bound_feeds(model: ir.Model, lengths: list[int], query: list[int], capacity:
     return feeds
 
 
-def assert_matches_ort(qdq: ir.Model, feeds: dict, tmp_path: Path, query: list[int], tol: float = 2e-4) -> None:
+def tvm_fusions(model: ir.Model) -> ir.Model:
+    """The TVM pipeline's fusion steps: packed projections, then norms / SwiGLU / residual adds into QMatMul."""
+    model = PackProjectionsPass()(model).model
+    return FuseTVMElementwisePass()(model).model
+
+
+def assert_matches_ort(qdq: ir.Model, feeds: dict, tmp_path: Path, query: list[int], tol: float = 2e-4,
+                       fusions: bool = False) -> None:
     ref = session(qdq, tmp_path / "qdq.onnx").run(None, {k: v.copy() for k, v in feeds.items()})
     fused = FuseTVMKernelsPass()(qdq.clone()).model
+    if fusions:
+        fused = tvm_fusions(fused)
     out = run_tvm(fused, feeds)
     names = [v.name for v in qdq.graph.outputs]
     live = np.array(query) > 0  # an idle row's logits are meaningless
@@ -186,20 +197,28 @@ def test_affine_grid_is_exact(case: str):
 # -- lowered numerics against ONNX Runtime ---------------------------------------------------------
 
 
-@pytest.mark.parametrize("scheme", sorted(SCHEMES))
-def test_decode_matches_ort(canonical_onnx, tmp_path: Path, scheme: str):
-    """A decode step over 3 rows (cache lengths 5, 1, 9; the middle row idle) equals ORT's: logits and caches."""
+def fusion_cases(schemes: list[str], unfused: list[str]) -> pytest.MarkDecorator:
+    """Every scheme with the TVM fusions (the pipeline's default), `unfused` ones also without (--no-fusions)."""
+    cases = [(s, True) for s in schemes] + [(s, False) for s in unfused]
+    return pytest.mark.parametrize(("scheme", "fusions"), cases, ids=[f"{s}-{'fused' if f else 'unfused'}" for s, f in cases])
+
+
+@fusion_cases(sorted(SCHEMES), unfused=["fp32", "int4-b32"])
+def test_decode_matches_ort(canonical_onnx, tmp_path: Path, scheme: str, fusions: bool):
+    """A decode step over 3 rows (cache lengths 5, 1, 9; the middle row idle) equals ORT's: logits and caches;
+    with the TVM fusions (packed QKV into attention, norms / SwiGLU / residual adds inside the kernels) and
+    without."""
     model = bound_graph(canonical_onnx, Phase.DECODE, SCHEMES[scheme])
     query = [1, 0, 1]
-    assert_matches_ort(model, bound_feeds(model, [5, 1, 9], query), tmp_path, query)
+    assert_matches_ort(model, bound_feeds(model, [5, 1, 9], query), tmp_path, query, fusions=fusions)
 
 
-@pytest.mark.parametrize("scheme", ["fp32", "int4-b32"])
-def test_prefill_matches_ort(canonical_onnx, tmp_path: Path, scheme: str):
+@fusion_cases(["fp32", "int4-b32"], unfused=["int4-b32"])
+def test_prefill_matches_ort(canonical_onnx, tmp_path: Path, scheme: str, fusions: bool):
     """A chunked prefill step: row 0 starts empty with 6 tokens, row 1 has 4 cached and adds 3 (padded)."""
     model = bound_graph(canonical_onnx, Phase.PREFILL, SCHEMES[scheme])
     query = [6, 3]
-    assert_matches_ort(model, bound_feeds(model, [6, 7], query), tmp_path, query)
+    assert_matches_ort(model, bound_feeds(model, [6, 7], query), tmp_path, query, fusions=fusions)
 
 
 @pytest.mark.parametrize("mode", [ActivationMode.DYNAMIC, ActivationMode.STATIC], ids=lambda m: m.value)
@@ -213,10 +232,10 @@ def test_w8a8_prefill_matches_ort(canonical_onnx, tmp_path: Path, mode: Activati
 
 
 def test_gguf_grid_matches_ort(canonical_onnx, tmp_path: Path):
-    """GGUF Q4_0 / Q4_1 (float offsets) / Q8_0 grids through the kernels equal ORT on the QDQ graph."""
+    """GGUF Q4_0 / Q4_1 (float offsets) / Q8_0 grids through the fused kernels equal ORT on the QDQ graph."""
     model = bound_graph(canonical_onnx, Phase.DECODE, None, gguf=True)
     query = [1, 1]
-    assert_matches_ort(model, bound_feeds(model, [3, 8], query), tmp_path, query)
+    assert_matches_ort(model, bound_feeds(model, [3, 8], query), tmp_path, query, fusions=True)
 
 
 def test_mha_decode_matches_ort(canonical_onnx, tmp_path: Path):
@@ -231,15 +250,18 @@ def test_level4_decode_matches_ort_matmulnbits(canonical_onnx, tmp_path: Path, s
     """accuracy_level 4 (int8 activations per block, qgemv_a8): a decode step over 3 rows matches ORT running
     the same QDQ graph rewritten to MatMulNBits at accuracy_level 4, and the float QDQ graph more loosely.
     Blocked weights: the same activation blocks as ORT (bs), so only float rounding differs (measured ~1e-5
-    of the logits' range); per channel, ORT's blocks of 128 vs our 32 (measured ~1e-3)."""
+    of the logits' range); per channel, ORT's blocks of 128 vs our 32 (measured ~1e-3). With the TVM fusions, as
+    the pipeline builds it: the norm inside the kernel rounds differently from ORT's in the last bit, which can
+    flip an activation code (one step of its block's scale; measured on 5 of 6144 cache elements, 1.2e-3)."""
     from twophase.passes.fuse_dequant_matmul import FuseDequantMatMulPass
 
     model = bound_graph(canonical_onnx, Phase.DECODE, SCHEMES[scheme])
     query = [1, 0, 1]
     feeds = bound_feeds(model, [5, 1, 9], query)
-    fused = FuseTVMKernelsPass(accuracy_level=4)(model.clone()).model
+    fused = tvm_fusions(FuseTVMKernelsPass(accuracy_level=4)(model.clone()).model)
     qm = [n for n in fused.graph if n.op_type == "QMatMul"]
     assert qm and all(n.attributes.get_int("act_int8", 0) == 1 for n in qm)
+    assert any(n.attributes.get_string("prologue", "none") == "rms_norm" for n in qm)
     nbits = FuseDequantMatMulPass(4)(model.clone()).model
     assert any(n.op_type == "MatMulNBits" for n in nbits.graph)
     ort4 = session(nbits, tmp_path / "nbits.onnx").run(None, {k: v.copy() for k, v in feeds.items()})
@@ -252,5 +274,8 @@ def test_level4_decode_matches_ort_matmulnbits(canonical_onnx, tmp_path: Path, s
         if name == "logits":
             a, b4, bf = a[live], b4[live], bf[live]
         scale = max(1.0, np.abs(bf).max())
-        np.testing.assert_allclose(a, b4, rtol=0, atol=tol_ort * scale, err_msg=f"{name} vs ORT level 4")
+        # all but the odd flipped code within tol_ort (a different blocking would move most elements)
+        near = np.abs(a - b4) <= tol_ort * scale
+        assert near.mean() >= 0.99, f"{name}: {near.mean():.4f} of elements within {tol_ort} of ORT level 4"
+        np.testing.assert_allclose(a, b4, rtol=0, atol=10 * tol_ort * scale, err_msg=f"{name} vs ORT level 4")
         np.testing.assert_allclose(a, bf, rtol=0, atol=tol_qdq * scale, err_msg=f"{name} vs QDQ float")

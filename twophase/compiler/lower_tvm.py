@@ -5,12 +5,18 @@ importer does not know, which this module converts itself:
 
     twophase.tvm.QMatMul / QGather   (FuseTVMKernelsPass) -> R.call_tir to the scheduled kernels of
                                       twophase/kernels/tir (dequantize inside the matmul, weights stay
-                                      4- or 8-bit in memory)
+                                      4- or 8-bit in memory); a QMatMul may carry a fused prologue
+                                      (RMSNorm or SwiGLU of its input) and a residual add
+                                      (FuseTVMElementwisePass, kernels/tir/fusion.py), and packed
+                                      q/k/v or gate/up weights (PackProjectionsPass). Rank-3 inputs
+                                      [batch, seq, K] call the kernel's rank-3 entry directly, so no
+                                      reshape runs between the kernels of a step.
     twophase.tvm.QMatMulA8           (FuseTVMKernelsPass, W8A8) -> R.call_tir to the integer GEMM of
                                       kernels/tir/qmatmul_int8.py (quantizes the activation itself), in
                                       the variant the build target's SIMD features allow (vpdpbusd, vpmaddwd)
     com.microsoft.GroupQueryAttention (BindKVCachePass)    -> R.call_tir_inplace to the attention kernel,
                                       which writes the new K/V rows straight into the bound cache buffers
+                                      (separate q/k/v or one packed QKV input)
 
 Shapes stay symbolic (batch, sequence, cache capacity): the graphs have no shape arithmetic left once
 attention is one node, so one executable serves every batch size and prompt length. Weights (every
@@ -19,8 +25,9 @@ constants, are written once to `weights.bin` (shared by the phases, content-addr
 and indexed per phase in `{phase}.params.json`; the .so holds code and small constants only.
 
 Relax pipeline (`relax_pipeline`): the CPU backend's library dispatch and legalization (LegalizeOps,
-AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR: the elementwise chains and RMSNorm around the
-kernels fuse into single loops), dataflow lowering and memory planning. The kernels are marked
+AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR: whatever elementwise work the kernels did not
+absorb fuses into single loops), dataflow lowering and memory planning. With the fusions on, a decode
+step of a Llama layer is four matmul calls and one attention call and nothing else. The kernels are marked
 scheduled and opaque, so fusion leaves them whole.
 """
 
@@ -213,9 +220,15 @@ def _converters(isa, vbmi: bool = False) -> Iterator[None]:
 
 
 def _kernel(bb, kernels: dict, key: tuple, name: str, build):
+    """One PrimFunc per distinct kernel `key`; names stay unique (kernels that differ only in e.g. a norm's
+    epsilon get a numbered suffix)."""
     if key not in kernels:
-        func = build().with_attr("global_symbol", name)
-        kernels[key] = bb.add_func(func, name)
+        taken = {gv.name_hint for gv in kernels.values()}
+        unique, i = name, 1
+        while unique in taken:
+            unique, i = f"{name}_{i}", i + 1
+        func = build().with_attr("global_symbol", unique)
+        kernels[key] = bb.add_func(func, unique)
     return kernels[key]
 
 
@@ -234,8 +247,9 @@ def _flatten_rows(bb, x, last: int):
 def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
     from tvm import relax
 
-    from twophase.kernels.tir import qgemv_a8
-    from twophase.kernels.tir.qmatmul import QMatMulSpec, prim_func
+    from twophase.kernels.tir import qgemv_a8, qmatmul
+    from twophase.kernels.tir.fusion import Fusion, Prologue
+    from twophase.kernels.tir.qmatmul import QMatMulSpec
 
     class QMatMul(frontend.OnnxOpConverter):
         @classmethod
@@ -244,17 +258,29 @@ def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
                 int(attr["bits"]), int(attr["K"]), int(attr["N"]), int(attr.get("block_size", 0)) or None,
                 bool(attr.get("has_offset", 0)), int(attr.get("zero", 0)),
             )
-            x, packed = inputs[0], list(inputs[1:])
-            name = (f"qmatmul_b{spec.bits}_k{spec.K}_n{spec.N}_g{spec.block_size or 0}_o{int(spec.has_offset)}"
-                    f"_z{spec.zero}".replace("-", "m"))
+            fusion = Fusion.from_attrs(attr)
+            n = len(qmatmul.param_specs(spec))
+            x, packed, rest = inputs[0], list(inputs[1 : 1 + n]), list(inputs[1 + n :])
+            gamma = [bb.normalize(rest.pop(0))] if fusion.prologue is Prologue.RMS_NORM else []
+            x = bb.normalize(x)
+            dims = list(x.ty.shape.values)
+            rank = 3 if len(dims) == 3 else 2  # [B, T, K] as it comes (no reshapes in the VM), else rows
             if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to qgemv_a8.MAX_M rows
                 a8 = qgemv_a8.QGemvA8Spec.of(spec)
-                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, vbmi), qgemv_a8.default_name(a8, isa),
-                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi))
+                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, vbmi, fusion, rank),
+                             qgemv_a8.default_name(a8, isa, fusion) + f"_r{rank}",
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi, fusion=fusion, rank=rank))
             else:
-                gv = _kernel(bb, kernels, ("qmatmul", spec), name, lambda: prim_func(spec))
-            x2, lead, M = _flatten_rows(bb, x, spec.K)
-            y = bb.emit(relax.call_tir(gv, [x2, *packed], out_ty=relax.TensorType([M, spec.N], "float32")))
+                gv = _kernel(bb, kernels, ("qmatmul", spec, fusion, rank), qmatmul.default_name(spec, fusion) + f"_r{rank}",
+                             lambda: qmatmul.prim_func(spec, fusion=fusion, rank=rank))
+            if rank == 3:
+                residual = [bb.normalize(rest.pop(0))] if fusion.residual else []
+                return relax.call_tir(gv, [x, *gamma, *packed, *residual],
+                                      out_ty=relax.TensorType([*dims[:2], spec.N], "float32"))
+            x2, lead, M = _flatten_rows(bb, x, fusion.x_width(spec.K))
+            residual = [_flatten_rows(bb, rest.pop(0), spec.N)[0]] if fusion.residual else []
+            y = bb.emit(relax.call_tir(gv, [x2, *gamma, *packed, *residual],
+                                       out_ty=relax.TensorType([M, spec.N], "float32")))
             return relax.op.reshape(y, relax.ShapeExpr([*lead, spec.N]))
 
     return QMatMul
@@ -324,9 +350,10 @@ def _gqa_converter(frontend, kernels: dict):
             inputs = [None if v is None else bb.normalize(v) for v in inputs]
             q, k, v, past_k, past_v, seqlens_k, _total, cos, sin = inputs[:9]
             query_seqlens = inputs[16] if len(inputs) > 16 else None
-            if k is None or v is None or query_seqlens is None:
+            packed = k is None and v is None  # packed QKV (PackProjectionsPass)
+            if (k is None) != (v is None) or query_seqlens is None:
                 raise UnsupportedModelError(
-                    "the TVM attention kernel needs separate q, k, v and query_seqlens (BindKVCachePass's form)"
+                    "the TVM attention kernel needs q, k, v (separate or packed) and query_seqlens (BindKVCachePass's form)"
                 )
             heads, kv_heads = int(attr["num_heads"]), int(attr["kv_num_heads"])
             head_dim = int(past_k.ty.shape.values[3])
@@ -334,13 +361,16 @@ def _gqa_converter(frontend, kernels: dict):
             scale = None if not scale else float(scale)
             softcap = float(attr.get("softcap", 0.0) or 0.0)
             interleaved = bool(attr.get("rotary_interleaved", 0))
-            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved)
-            name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "")
+            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed)
+            name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "") + ("_qkv" if packed else "")
             gv = _kernel(bb, kernels, key, name, lambda: gqa_prim_func(
-                heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved))
-            out_sinfo = [relax.TensorType(q.ty.shape, "float32"), past_k.ty, past_v.ty]
+                heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed))
+            B, S = q.ty.shape.values[:2]
+            out_sinfo = [relax.TensorType([B, S, heads * head_dim], "float32"), past_k.ty, past_v.ty]
+            qkv = [q] if packed else [q, k, v]
+            caches = len(qkv)
             return bb.emit(relax.call_tir_inplace(
-                gv, [q, k, v, past_k, past_v, seqlens_k, cos, sin, query_seqlens], [-1, 3, 4], out_sinfo
+                gv, [*qkv, past_k, past_v, seqlens_k, cos, sin, query_seqlens], [-1, caches, caches + 1], out_sinfo
             ))
 
     return GroupQueryAttention

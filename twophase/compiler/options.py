@@ -105,7 +105,8 @@ class CompileOptions:
     kv_dtype: KVDtype = KVDtype.FLOAT32
     # Bound cache: a prompt runs in steps of at most this many tokens (bounds activation memory).
     prefill_chunk: int = 512
-    # ORT fusions: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization, q/k/v and gate/up packed.
+    # Fusions: q/k/v and gate/up packed; ORT: residual Add + RMSNorm -> SkipSimplifiedLayerNormalization;
+    # TVM: norms, SwiGLU and residual adds folded into the matmul kernels.
     fusions: bool = True
     # Calibration text for static activation scales, SmoothQuant, GPTQ and AWQ: windows x tokens.
     calibration_windows: int = 16

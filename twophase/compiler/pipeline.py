@@ -18,7 +18,9 @@ The TVM target (lower_tvm.py) keeps the QDQ form until its last step:
 
     SplitPhasesPass -> CleanupPass -> [QuantizeActivationsPass (w8a8, prefill only)]
                     -> [QuantizeWeightsPass (w8a16, w4a16; for w8a8 the lm_head and embedding in decode's format)]
-                    -> BindKVCachePass -> FuseTVMKernelsPass (twophase.tvm kernels) -> CleanupPass
+                    -> BindKVCachePass -> FuseTVMKernelsPass (twophase.tvm kernels)
+                    -> [PackProjectionsPass -> FuseTVMElementwisePass (norms, SwiGLU, residual adds into the
+                        kernels)] -> CleanupPass
 
 Passes that need calibration statistics are built just before they run, from the graph at that point
 (`Calibration` computes the statistics once per compile and shares them between phases: the weights
@@ -268,8 +270,13 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     # accuracy_level 4: int8-activation GEMV for few rows; from the weights' options, as the ORT target's
     # level (for w8a8 prefill: the decode phase's, which quantized the lm_head)
     level = weight_po.accuracy_level if weight_po is not None else 0
-    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(level), CleanupPass()]
-    return steps
+    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(level)]
+    if options.fusions:
+        from twophase.passes.fuse_tvm_elementwise import FuseTVMElementwisePass
+        from twophase.passes.pack_projections import PackProjectionsPass
+
+        steps += [PackProjectionsPass(), FuseTVMElementwisePass()]
+    return steps + [CleanupPass()]
 
 
 # target name -> function (phase, options, calibration) -> the phase's steps, in order

@@ -8,7 +8,9 @@ norm) are packed along N into one op each, as onnxruntime-genai's builder does:
     After:   qkv = MatMulNBits(x, concat(Bq, Bk, Bv), concat(Sq, Sk, Sv), N = Nq + Nk + Nv)
              q, k, v = Split(qkv, [Nq, Nk, Nv], axis=-1)
 
-Also for float weights (MatMul(x, W), W concatenated along axis 1) and for FuseDequantMatMulPass's
+Also for the TVM target's twophase.tvm.QMatMul (FuseTVMKernelsPass; its arrays are tiles of 32 columns,
+concatenated along the tile axis, so every member but the last needs N % 32 == 0), for float weights
+(MatMul(x, W), W concatenated along axis 1) and for FuseDequantMatMulPass's
 float-offset form y = Add(MatMulNBits(x, ...), MatMul(blocksum(x), M)) (the offset matrices M are
 concatenated too, one Add on the packed output). Members must agree on everything but N (bits,
 block_size, accuracy_level, which optional inputs they have). When the split outputs are exactly a
@@ -17,7 +19,8 @@ GroupQueryAttention's query, key and value, the Split goes too: GroupQueryAttent
 The packed weights are new initializers (the members' own stay in the other phase's graph only if it
 still reads them). Numerics are unchanged: each output column is computed from the same codes.
 
-Pipeline: ORT target, after FuseDequantMatMulPass and BindKVCachePass.
+Pipeline: ORT target, after FuseDequantMatMulPass and BindKVCachePass; TVM target, after FuseTVMKernelsPass
+(and before FuseTVMElementwisePass).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import onnx_ir as ir
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
+TVM_DOMAIN = "twophase.tvm"
+TVM_TILE = 32  # kernels/tir/qmatmul.TN: columns per tile of a QMatMul's arrays
 
 
 @dataclasses.dataclass
@@ -61,6 +66,12 @@ def _member(node: ir.Node) -> _Member | None:
         if any(v is not None and _const(v) is None for v in node.inputs[1:]):
             return None
         member = _Member(node, node.outputs[0], node.attributes["N"].as_int())
+    elif node.op_type == "QMatMul" and node.domain == TVM_DOMAIN:
+        if any(k in node.attributes for k in ("prologue", "residual")):
+            return None  # already fused with its neighbours
+        if any(v is None or _const(v) is None for v in node.inputs[1:]):
+            return None
+        return _Member(node, node.outputs[0], node.attributes["N"].as_int())
     else:
         return None
     # The float-offset form: Add(y, MatMul(s, M)) with y read by that Add only.
@@ -95,6 +106,10 @@ class PackProjectionsPass(ir.passes.InPlacePass):
                 groups.setdefault(_signature(m), []).append(m)
         packed = 0
         for members in groups.values():
+            if members[0].node.op_type == "QMatMul" and any(m.n % TVM_TILE for m in members[:-1]):
+                log.info("not packed: %s (a member before the last has N %% %d != 0)",
+                         [m.node.name for m in members], TVM_TILE)
+                continue
             if len(members) >= 2:
                 _pack(graph, members, f"twophase_pack_{packed}")
                 packed += 1
@@ -112,6 +127,8 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
 
 def _concat_inputs(graph: ir.Graph, members: list[_Member], index: int, axis: int, name: str) -> ir.Value:
     arrays = [_const(m.node.inputs[index]) for m in members]
+    if members[0].node.op_type == "QMatMul":  # [NT, ...] tiles
+        return _initializer(graph, name, np.concatenate(arrays, axis=0))
     if members[0].node.op_type == "MatMulNBits" and index > 1:
         # scales / zero points are 1-D [N * G] or 2-D [N, G] (packed zero points [N, ceil(G*bits/8)])
         arrays = [a.reshape(m.n, -1) for a, m in zip(arrays, members)]
