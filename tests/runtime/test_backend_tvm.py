@@ -181,3 +181,34 @@ def test_eval_gemv_rows_match_the_kernel():
     from twophase.kernels.tir.qgemv_a8 import MAX_M
 
     assert TVM_GEMV_ROWS == MAX_M
+
+
+@pytest.mark.parametrize("sizes", [[(3, 5), (7,), (2, 2)], [(1 << 19,), (1000,), (3, 4)]], ids=["small", "huge"])
+def test_weight_arena(sizes):
+    """The arena the weights are copied into: zeroed, writable, disjoint arrays, each 64-byte aligned (TVM
+    shares them without a copy); a mapping of at least a huge page starts on a 2 MiB boundary."""
+    from twophase.runtime.backend_tvm import HUGE_PAGE, zeroed_arena
+
+    dtypes = [np.float32, np.uint8, np.int64]
+    arrays = zeroed_arena(sizes, dtypes)
+    assert [a.shape for a in arrays] == sizes and [a.dtype for a in arrays] == [np.dtype(d) for d in dtypes]
+    assert all(a.ctypes.data % 64 == 0 and a.flags.writeable and not a.any() for a in arrays)
+    for i, a in enumerate(arrays):
+        a[...] = i + 1
+    assert all((a == i + 1).all() for i, a in enumerate(arrays))  # no overlap
+    if sum(a.nbytes for a in arrays) >= HUGE_PAGE:
+        assert arrays[0].ctypes.data % HUGE_PAGE == 0
+    assert zeroed_arena([], []) == []
+
+
+def test_weights_are_shared_and_exact(artifacts, engines):
+    """Both phases read one copy of each weight (the same TVM tensor), equal to its bytes in weights.bin."""
+    engine, root = engines["tvm"], Path(artifacts["tvm"])
+    pre, dec = engine.prefill_phase.params, engine.decode_phase.params
+    index = json.loads((root / engine.decode_phase.entry.params).read_text())
+    blob = np.fromfile(root / index["weights"], dtype=np.uint8)
+    shared = {id(t) for t in pre} & {id(t) for t in dec}
+    assert shared and len(dec) == len(index["params"])
+    for t, p in zip(dec, index["params"]):
+        want = blob[p["offset"] : p["offset"] + p["length"]].view(p["dtype"]).reshape(p["shape"])
+        np.testing.assert_array_equal(t.numpy(), want)
