@@ -21,9 +21,11 @@ default MatMulNBits accuracy_level 4) and runs one artifact per scheme and backe
 the TVM / ORT ratios per scheme (time per decode token and prefill throughput) and the TVM build times.
 
 --roofline measures a STREAM-style read bandwidth with the same thread count (twophase.bench.roofline)
-and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights once + the
-K/V of the mean context) and the fraction of bandwidth / bytes-per-token that the measured decode
-rate reaches. --batches measures decode throughput (tokens/s summed over the rows) of each twophase
+once per repetition, just before that repetition's runs (the machine's bandwidth drifts with its
+neighbours), and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights
+once + the K/V of the mean context) and the fraction of bandwidth / bytes-per-token that the measured
+decode rate reaches: the median over repetitions of each repetition's decode rate against its own
+bandwidth. --batches measures decode throughput (tokens/s summed over the rows) of each twophase
 artifact at those batch sizes (rows are different 128-token prompts).
 """
 
@@ -267,7 +269,13 @@ def main(argv: list[str] | None = None) -> int:
         r.decode(prompts[128], 4)
 
     times: dict[tuple[str, str], list[float]] = {}
+    bandwidths = []  # --roofline: read bandwidth measured in each repetition, just before its runs
     for _ in range(args.reps):
+        if args.roofline:
+            from twophase.bench.roofline import StreamKernel, measure_bandwidth
+
+            bw = measure_bandwidth(args.threads)
+            bandwidths.append((bw.kernel(StreamKernel.READ).median_gbs, bw.cpu_share, bw.array_mib))
         for r in runners:
             for n in lengths:
                 times.setdefault((r.name, f"prefill {n}"), []).append(n / r.prefill(prompts[n]))
@@ -290,19 +298,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {r.name} | " + " | ".join(cells) + " |")
 
     if args.roofline:
-        from twophase.bench.roofline import (
-            StreamKernel,
-            decode_bytes_per_token,
-            measure_bandwidth,
-            roofline_tokens_per_s,
-        )
+        from twophase.bench.roofline import decode_bytes_per_token, roofline_tokens_per_s
 
-        bw = measure_bandwidth(args.threads)
-        read = bw.kernel(StreamKernel.READ).median_gbs
+        reads = [b[0] for b in bandwidths]
+        read = statistics.median(reads)
         context = 128 + args.decode_steps // 2
-        print(f"\nDecode roofline: STREAM-style read bandwidth {read:.1f} GB/s ({args.threads} threads, "
-              f"{bw.array_mib} MiB arrays, cpu share {bw.cpu_share:.2f}); bytes per token = decode weights "
-              f"+ K/V of {context} positions\n")
+        print(f"\nDecode roofline: STREAM-style read bandwidth {read:.1f} GB/s (median of one measurement per "
+              f"repetition, {min(reads):.1f}-{max(reads):.1f}; {args.threads} threads, {bandwidths[0][2]} MiB arrays, "
+              f"cpu share {statistics.median(b[1] for b in bandwidths):.2f}); bytes per token = decode weights + K/V "
+              f"of {context} positions. fraction = median over repetitions of measured / roofline at that "
+              "repetition's bandwidth\n")
         print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction |")
         print("|---|---|---|---|---|---|")
         for r in runners:
@@ -310,10 +315,10 @@ def main(argv: list[str] | None = None) -> int:
             if sizes is None:
                 continue
             per_token = decode_bytes_per_token(sizes[0], sizes[1], context)
-            bound = roofline_tokens_per_s(per_token, read)
-            med = statistics.median(times[(r.name, "decode @128")])
-            print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | {bound:.0f} | "
-                  f"{med:.1f} | {med / bound:.0%} |")
+            runs = times[(r.name, "decode @128")]
+            fraction = statistics.median(t / roofline_tokens_per_s(per_token, g) for t, g in zip(runs, reads))
+            print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | "
+                  f"{roofline_tokens_per_s(per_token, read):.0f} | {statistics.median(runs):.1f} | {fraction:.0%} |")
 
     if backends:
         print("\nBackends side by side (same run): TVM / ORT per scheme; decode = time per token at context 128 "
