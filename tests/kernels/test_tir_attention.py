@@ -80,8 +80,9 @@ def _run_ort(session, feeds):
     return io.get_outputs()[0].numpy(), arrays["past_k"], arrays["past_v"]
 
 
-def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False):
-    func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed)
+def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False, split_tasks=16):
+    func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
+                         split_tasks=split_tasks)
     kernel = tvm.compile(func, target=TARGET)["main"]
     B, S, _ = feeds["x_q"].shape
     order = ("x_qkv",) + ORDER[3:] if packed else ORDER
@@ -93,11 +94,11 @@ def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False):
 
 
 def _check(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, *, scale=None, softcap=0.0, interleaved=False,
-           packed=False):
+           packed=False, split_tasks=16):
     feeds = _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens)
     session = _ort_session(Hq, Hkv, D, scale, softcap, interleaved, packed)
     y_ref, k_ref, v_ref = _run_ort(session, _packed(feeds) if packed else feeds)
-    y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed)
+    y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed, split_tasks)
     for b, n in enumerate(query_seqlens):
         np.testing.assert_allclose(y[b, :n], y_ref[b, :n], rtol=1e-5, atol=1e-5, err_msg=f"output row {b}")
         np.testing.assert_array_equal(y[b, n:], 0, err_msg=f"padding rows of row {b} (idle: all) are zeros")
@@ -129,11 +130,12 @@ def test_long_prefill_many_query_and_key_blocks(packed):
     _check(4, 2, 16, 45, 128, seqlens_k=[44, 99, 20], query_seqlens=[45, 40, 0], packed=packed)
 
 
-@pytest.mark.parametrize("B", [1, 16])
-def test_decode_long_context_split_and_unsplit(B):
-    # B=1 splits each task's keys (few tasks), B=16 does not
+@pytest.mark.parametrize(("B", "split_tasks"), [(1, 16), (1, 4), (2, 4), (1, 1), (16, 16)])
+def test_decode_long_context_split_and_unsplit(B, split_tasks):
+    # fewer tasks (B x 2 kv heads) than split_tasks: each task's keys are split (B=1: 8 or 2 ways, B=2: no split
+    # at 4), else not (split_tasks 1, B=16)
     lengths = [300 + 37 * b for b in range(B)]
-    _check(6, 2, 64, 1, 1024, seqlens_k=[n - 1 for n in lengths], query_seqlens=[1] * B)
+    _check(6, 2, 64, 1, 1024, seqlens_k=[n - 1 for n in lengths], query_seqlens=[1] * B, split_tasks=split_tasks)
 
 
 @pytest.mark.parametrize(("scale", "softcap"), [(0.3, 0.0), (None, 2.5), (0.2, 4.0)])
@@ -161,3 +163,5 @@ def test_unsupported_shapes_are_refused():
         gqa_prim_func(4, 2, 24, scale=None, softcap=0.0, interleaved=False)
     with pytest.raises(NotImplementedError, match="int8"):
         gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, kv_dtype="int8")
+    with pytest.raises(ValueError, match="split_tasks"):
+        gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, split_tasks=0)

@@ -38,6 +38,7 @@ import functools
 import json
 import logging
 import operator
+import os
 import time
 import warnings
 from collections.abc import Iterator
@@ -335,6 +336,13 @@ def _qgather_converter(frontend, kernels: dict):
     return QGather
 
 
+def attention_split_tasks() -> int:
+    """The attention kernel's split_tasks: two tasks per core this process may run on (the library is built
+    for the host CPU; kernels/tir/attention.py explains the choice)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 8)
+    return 2 * max(1, cores)
+
+
 def _gqa_converter(frontend, kernels: dict):
     from tvm import relax
 
@@ -361,10 +369,12 @@ def _gqa_converter(frontend, kernels: dict):
             scale = None if not scale else float(scale)
             softcap = float(attr.get("softcap", 0.0) or 0.0)
             interleaved = bool(attr.get("rotary_interleaved", 0))
-            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed)
+            split = attention_split_tasks()
+            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed, split)
             name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "") + ("_qkv" if packed else "")
             gv = _kernel(bb, kernels, key, name, lambda: gqa_prim_func(
-                heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed))
+                heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
+                split_tasks=split))
             B, S = q.ty.shape.values[:2]
             out_sinfo = [relax.TensorType([B, S, heads * head_dim], "float32"), past_k.ty, past_v.ty]
             qkv = [q] if packed else [q, k, v]

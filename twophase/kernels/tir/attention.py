@@ -20,9 +20,11 @@ Loops: a serial one writes this step's rotated K and raw V into the cache (tiny:
 row); a parallel one over (query block of `_BQ` rows, b, kv head) runs flash-style attention: the block's
 rotated, pre-scaled queries of all G heads of the kv head stay in local memory, keys are visited in blocks
 of `_BK` up to the block's last causal position (never the rest of the capacity) with an online softmax,
-each K and V row loaded once for the G heads. With fewer than `_TASKS` tasks (decode at small batch) each
-task's key range is split up to `_MAX_SPLIT` ways and a last serial loop merges the partial softmax
-states. Dot products are 8-lane FMA vectors over D, reduced horizontally; exp is a vectorized Cephes
+each K and V row loaded once for the G heads. With fewer than `split_tasks` tasks (decode at small batch)
+each task's key range is split up to `_MAX_SPLIT` ways and a last serial loop merges the partial softmax
+states. About two tasks per thread is best: each thread then streams long contiguous key ranges of a cache
+that is cold in a decode step (SmolLM2 at 2 threads: split_tasks 4 instead of 16 gave 1.04-1.05x decode
+tok/s end to end; lower_tvm passes twice the compile host's core count). Dot products are 8-lane FMA vectors over D, reduced horizontally; exp is a vectorized Cephes
 polynomial (about 1 ulp); softcap's tanh is scalar.
 Inconsistent lengths cannot write or read out of bounds: positions are checked against C and L.
 """
@@ -36,7 +38,7 @@ from twophase.kernels.tir.fast_math import fast_exp
 _VL = 8  # float32 lanes of a ymm register (AVX2)
 _BK = 32  # keys per block of the online softmax
 _BQ = 8  # query rows per parallel task (prefill); decode has one
-_TASKS = 16  # fewer attention tasks than this get their keys split (decode at small batch)
+SPLIT_TASKS = 16  # default: fewer attention tasks than this get their keys split (decode at small batch)
 _MAX_SPLIT = 8
 _NEG = -3.0e38  # "minus infinity" that keeps exp() and max() free of NaN
 # slots of a task's integer scratch (a stack array: TVMScript's `x = ...` scalars live in the workspace pool)
@@ -55,10 +57,12 @@ def gqa_prim_func(
     rotary: bool = True,
     kv_dtype: str = "float32",
     packed: bool = False,
+    split_tasks: int = SPLIT_TASKS,
 ):
     """TIR GroupQueryAttention (module doc); args x_q, x_k, x_v, cache_k, cache_v, seqlens_k, cos, sin,
     query_seqlens, out, with B, S, C, L symbolic int64. cache_k / cache_v are written in place.
     `packed`: one x_qkv [B, S, (Hq + 2 Hkv) D] (q, then k, then v columns) replaces x_q, x_k, x_v.
+    `split_tasks`: fewer (query block, row, kv head) tasks than this get their key ranges split (module doc).
 
     `rotary=False` skips the rotation (GroupQueryAttention with do_rotary=0; cos / sin are then unread).
     Only a float32 cache: the int8 variant (BindKVCachePass kv_dtype="int8") raises NotImplementedError.
@@ -73,7 +77,10 @@ def gqa_prim_func(
         raise ValueError(f"num_heads {Hq} is not a multiple of kv_num_heads {Hkv}")
     if D % (2 * _VL):
         raise ValueError(f"head_dim must be a multiple of {2 * _VL}, got {D}")
+    if split_tasks < 1:
+        raise ValueError(f"split_tasks must be positive, got {split_tasks}")
     G, H2, ND = Hq // Hkv, D // 2, D // _VL
+    TASKS = int(split_tasks)
     qscale = float(scale) if scale is not None else 1.0 / math.sqrt(D)
     cap = float(softcap)
     use_cap = cap != 0.0
@@ -208,14 +215,14 @@ def gqa_prim_func(
                             VC[b, h, p, d] = XV[b, i, VO + h * D + d]
         # 2. attention; tasks ordered (query block, b, kv head), the query blocks zigzagged so that a
         #    contiguous range of tasks (one thread's share) mixes short and long causal blocks. With
-        #    fewer than _TASKS tasks (decode, small batch) each task's keys are split NS ways and the
+        #    fewer than split_tasks tasks (decode, small batch) each task's keys are split NS ways and the
         #    partial softmax states are merged in step 3.
         nqb = T.Bind((S + BQ - 1) // BQ)
         ntask = T.Bind(nqb * B * Hkv)
-        NS = T.Bind(T.if_then_else(ntask >= _TASKS, T.int64(1),
-                                   T.min((_TASKS + ntask - 1) // ntask, T.int64(_MAX_SPLIT))))
-        part_o = T.alloc_buffer((_TASKS * 2, R, D), "float32")
-        part_ml = T.alloc_buffer((_TASKS * 2, R, 2), "float32")
+        NS = T.Bind(T.if_then_else(ntask >= TASKS, T.int64(1),
+                                   T.min((TASKS + ntask - 1) // ntask, T.int64(_MAX_SPLIT))))
+        part_o = T.alloc_buffer((TASKS * 2, R, D), "float32")
+        part_ml = T.alloc_buffer((TASKS * 2, R, 2), "float32")
         for t in T.parallel(ntask * NS):
             # the task's integers (see the slots above), each computed once
             ix = T.alloc_buffer((_NIX,), "int64", scope="global")
