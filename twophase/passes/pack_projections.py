@@ -31,11 +31,12 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from twophase.kernels.tir.qmatmul import TN as TVM_TILE  # columns per tile of a QMatMul's arrays
+from twophase.passes.fuse_tvm_kernels import TVM_DOMAIN
+
 log = logging.getLogger(__name__)
 
 MS_DOMAIN = "com.microsoft"
-TVM_DOMAIN = "twophase.tvm"
-TVM_TILE = 32  # kernels/tir/qmatmul.TN: columns per tile of a QMatMul's arrays
 
 
 @dataclasses.dataclass
