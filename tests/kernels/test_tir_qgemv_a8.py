@@ -54,7 +54,7 @@ CASES = [(s, v) for s in SPECS for v in VARIANTS if v in FULL] + [(SPECS[4], v) 
 
 @functools.cache
 def _kernel(spec: QGemvA8Spec, isa: Isa, vbmi: bool, target: tuple):
-    func = prim_func(spec, isa=isa, vbmi=vbmi)
+    func = prim_func(spec, name="qgemv", isa=isa, vbmi=vbmi)
     return tvm.compile(func, target=tvm.target.Target(dict(target))).mod
 
 
@@ -80,7 +80,7 @@ def test_matches_reference(case):
     rng = np.random.default_rng(spec.K * 7 + spec.N)
     codes, scale, offset = _weights(spec, rng)
     mod = _kernel(spec, isa, vbmi, target)
-    fn = mod[prim_func(spec, isa=isa, vbmi=vbmi).attrs["global_symbol"]]
+    fn = mod["qgemv"]
     packed = [tvm.runtime.tensor(a) for a in pack(spec, codes, scale, offset)]
     for M in (*range(1, MAX_M + 1), MAX_M + 2):
         X = rng.standard_normal((M, spec.K)).astype(np.float32)

@@ -34,6 +34,7 @@ from __future__ import annotations
 import math
 
 from twophase.kernels.tir.fast_math import fast_exp
+from twophase.kernels.tir.script import fast_macros
 
 _VL = 8  # float32 lanes of a ymm register (AVX2)
 _BK = 32  # keys per block of the online softmax
@@ -46,6 +47,7 @@ _B, _Z, _I0, _N, _PAST, _NR, _KEND, _CHUNK, _KB0, _KB1, _J0, _NK = range(12)
 _NIX = 12
 
 
+@fast_macros
 def gqa_prim_func(
     num_heads: int,
     kv_num_heads: int,

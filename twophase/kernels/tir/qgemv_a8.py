@@ -40,6 +40,7 @@ from twophase.kernels.tir.fusion import Fusion
 from twophase.kernels.tir.fusion import entry as fusion_entry
 from twophase.kernels.tir.qmatmul import TN, QMatMulSpec
 from twophase.kernels.tir.qmatmul_int8 import Isa
+from twophase.kernels.tir.script import fast_macros
 
 MAX_M = 4  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
 XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
@@ -130,6 +131,7 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
     return Y.astype(np.float32)
 
 
+@fast_macros
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False,
               fusion: Fusion = Fusion(), rank: int = 2):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs

@@ -38,6 +38,7 @@ import numpy as np
 
 from twophase.kernels.tir.fusion import Fusion
 from twophase.kernels.tir.fusion import entry as fusion_entry
+from twophase.kernels.tir.script import fast_macros
 
 TN = 32  # columns per N tile: the packed layout's tile and the unit of parallel work
 MR = 6  # GEMM register tile rows (the leftover-row variants in _build assume 6)
@@ -157,6 +158,7 @@ def reference(
     return (np.asarray(X, np.float64) @ W).astype(np.float32)
 
 
+@fast_macros
 def prim_func(spec: QMatMulSpec, name: str | None = None, fusion: Fusion = Fusion(), rank: int = 2):
     """The scheduled kernel: args X [M, K], *pack(spec) arrays, Y [M, N] (M a symbolic int64, any M >= 1);
     with a `fusion` (kernels/tir/fusion.py), its gamma before the arrays and its residual R [M, N] before Y.

@@ -40,6 +40,8 @@ import enum
 
 import numpy as np
 
+from twophase.kernels.tir.script import fast_macros
+
 TN = 32  # columns per N tile: the packed layout's tile and the unit of parallel work
 SCALE_EPS = 1e-10  # smallest per-row scale (QuantizeActivationsPass.SCALE_EPS)
 INV127 = np.float32(1.0 / 127.0)  # the QDQ graph's constant, rounded to float32 as there
@@ -149,6 +151,7 @@ def reference(spec: QMatMulA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_N:
     return (acc * s[:, None].astype(np.float64) * np.asarray(scale_N, np.float64)[None, :]).astype(np.float32)
 
 
+@fast_macros
 def prim_func(spec: QMatMulA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC):
     """The scheduled kernel: args X [M, K], *pack(spec), [static scale [1]], Y [M, N] (M a symbolic int64)."""
     name = name or default_name(spec, isa)
