@@ -44,8 +44,7 @@ from twophase.kernels.tir.script import fast_macros
 
 MAX_M = 4  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
 XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
-PREFETCH_BYTES = 8192  # software prefetch distance in W: past the tile into the next (they are contiguous);
-# SmolLM2's decode GEMVs in decode order from DRAM, 2 threads: 1.16x the GB/s of 512 (paired, 10 of 10 runs)
+PREFETCH_BYTES = 512  # software prefetch distance in W
 AL = 16  # lanes of the vectorized absmax
 
 _VL = {Isa.AVX512_VNNI: 16, Isa.AVX512: 16, Isa.AVX2: 8, Isa.GENERIC: 8}  # int32 lanes per vector
