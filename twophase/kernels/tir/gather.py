@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from twophase.kernels.tir.script import fast_macros
-
 
 def pack_table(
     bits: int, codes_VD: np.ndarray, scale_VG: np.ndarray, offset_VG: np.ndarray | None = None
@@ -45,7 +43,6 @@ def reference(bits: int, ids: np.ndarray, codes_VD: np.ndarray, scale_VG: np.nda
     return W[np.asarray(ids).reshape(-1)].astype(np.float32)
 
 
-@fast_macros
 def gather_prim_func(bits: int, V: int, D: int, G: int, has_offset: bool):
     """args: table, ids [n] int64 (n symbolic), scale [V, G][, offset [V, G]], out [n, D] float32."""
     from tvm import te, tirx
