@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 _lock = threading.Lock()
-_depth = 0  # decorated builders running (they nest: fusion.entry inside qgemv_a8.prim_func)
+_depth = 0  # decorated builders running (one may call another)
 _saved: Any = None
 
 
