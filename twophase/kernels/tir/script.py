@@ -45,7 +45,7 @@ def _script_macro() -> Any:
         from tvm.script.parser.core.parser import ScriptMacro
     except ImportError:
         return None
-    return ScriptMacro if callable(getattr(ScriptMacro, "_find_parser_def", None)) else None
+    return ScriptMacro if callable(ScriptMacro.__dict__.get("_find_parser_def")) else None  # what wrapper swaps
 
 
 def fast_macros(build: F) -> F:
