@@ -1,6 +1,6 @@
 """How close the decode GEMVs stream to the machine's read bandwidth, and which prefetch distance serves them best.
 
-    python benchmarks/tir_gemv_stream.py [--threads 2] [--reps 10] [--prefetch 512,8192]
+    python benchmarks/tir_gemv_stream.py [--threads 2] [--reps 10] [--prefetch 0,512]
 
 One token's weight GEMVs of SmolLM2-135M after the TVM fusions (per layer: q|k|v 576x960, o 576x576, gate|up
 576x3072, down 1536x576; then the 576x49152 lm_head), int4 block 32 at accuracy level 4 (`qgemv_a8`, the host's
@@ -8,7 +8,7 @@ best ISA), one batch row, in decode order, every layer with its own weight copy 
 the L3). Per repetition, interleaved: the numpy read bandwidth of `benchmarks/phases.py --roofline`
 (`twophase.bench.roofline`), a plain TVM read kernel over as many bytes (64 KiB chunks in parallel, XOR of 64-byte
 vectors: what compiled code streams without compute), then the GEMV sequence once per `--prefetch` distance
-(`qgemv_a8.PREFETCH_BYTES`, one compile each; the median of 5 passes). Reports GB/s (weight bytes / time) per
+(`qgemv_a8.PREFETCH_BYTES`, 0 = none, one compile each; the median of 5 passes). Reports GB/s (weight bytes / time) per
 repetition, medians, the per-shape GB/s of the first distance and the paired speedup of each distance over
 the first.
 """
@@ -33,7 +33,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--prefetch", default="512,8192", help="comma-separated PREFETCH_BYTES to compare (first = base)")
+    ap.add_argument("--prefetch", default="0,512", help="comma-separated PREFETCH_BYTES to compare (first = base; 0 = no software prefetch)")
     args = ap.parse_args()
     distances = [int(x) for x in args.prefetch.split(",")]
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
