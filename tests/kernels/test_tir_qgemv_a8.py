@@ -96,6 +96,30 @@ def test_matches_reference(case):
         np.testing.assert_allclose(Y.numpy(), ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()), err_msg=f"M={M}")
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+def test_thread_ranges_match_even_split(threads: int):
+    """`threads` ranges (the calling thread's LEAD_TILES longer, more ranges than tiles) give the same Y,
+    bit for bit, as the pool's even split: every tile is computed once, the same way."""
+    isa, vbmi, target = VARIANTS[-1]
+    spec = QGemvA8Spec(4, 96, 300, 32, zero=8)  # 10 tiles, the last with a tail of 12 columns
+    small = QGemvA8Spec(4, 96, 40, 32, zero=8)  # 2 tiles: fewer than some of the thread counts
+    for sp in (spec, small):
+        rng = np.random.default_rng(sp.N)
+        codes, scale, _ = _weights(sp, rng)
+        packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
+        even = _kernel(sp, isa, vbmi, target)["qgemv"]
+        split = tvm.compile(prim_func(sp, name="qgemv", isa=isa, vbmi=vbmi, threads=threads),
+                            target=tvm.target.Target(dict(target))).mod["qgemv"]
+        for M in range(1, MAX_M + 1):
+            X = tvm.runtime.tensor(rng.standard_normal((M, sp.K)).astype(np.float32))
+            Y0, Y1 = (tvm.runtime.tensor(np.full((M, sp.N), np.nan, np.float32)) for _ in range(2))
+            even(X, *packed, Y0)
+            split(X, *packed, Y1)
+            np.testing.assert_array_equal(Y1.numpy(), Y0.numpy(), err_msg=f"N={sp.N} M={M}")
+    with pytest.raises(ValueError, match="threads"):
+        prim_func(spec, isa=isa, threads=-1)
+
+
 def test_reference_is_dequantized_product():
     """The reference equals the float64 product of the dequantized int8 activations and dequantized weights."""
     spec = QGemvA8Spec(4, 100, 20, 32, has_offset=True, zero=8)

@@ -28,7 +28,9 @@ Per call: activation rows are quantized once (serially: M <= MAX_M rows of K), t
 R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M). Each tile
 first requests the lines of the quantized activations (written by the calling thread, so in another core's
 cache for the pool's workers); W streams through the hardware prefetcher (PREFETCH_BYTES, a software
-prefetch distance, is 0: with 512 B the decode GEMVs streamed slower from DRAM).
+prefetch distance, is 0: with 512 B the decode GEMVs streamed slower from DRAM). Built for a pool of
+`threads`, the tiles go in that many contiguous ranges, the calling thread's LEAD_TILES longer: it starts
+its range while the pool's workers are still waking up.
 """
 
 from __future__ import annotations
@@ -49,6 +51,10 @@ XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks o
 # software prefetch distance in W; 0: none, the hardware prefetcher alone streams W faster (SmolLM2 decode GEMVs
 # from DRAM, 2 threads, paired: 1.14x over 512 B, the distance before; end to end 1.04x tok/s)
 PREFETCH_BYTES = 0
+# with `threads` set, the calling thread's range of tiles is this many tiles longer: the pool's workers start
+# about 1 us after it (TVM's pool, 2 threads: 0.75-1.1 us), a tile's stream at decode shapes (576 x 32 int4:
+# 11.5 KB). SmolLM2 decode GEMVs from DRAM, paired: 1 tile 1.08x over none, 2: 1.05x, 3: 1.06x
+LEAD_TILES = 1
 AL = 16  # lanes of the vectorized absmax
 
 _VL = {Isa.AVX512_VNNI: 16, Isa.AVX512: 16, Isa.AVX2: 8, Isa.GENERIC: 8}  # int32 lanes per vector
@@ -137,12 +143,17 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 
 @fast_macros
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False,
-              fusion: Fusion = Fusion(), rank: int = 2):
+              fusion: Fusion = Fusion(), rank: int = 2, threads: int = 0):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
     qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only).
     With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
-    rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
-    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank)
+    rank=3: X, R, Y are [B, T, .] instead (M = B * T).
+    `threads`: 0 lets the thread pool split the tiles evenly; n >= 1 splits them into n ranges for a pool of n
+    threads, the calling thread's LEAD_TILES longer (any pool size runs them correctly; n is the fast one)."""
+    if threads < 0:
+        raise ValueError(f"threads must be >= 0, got {threads}")
+    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank,
+                  threads=threads)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
@@ -153,7 +164,7 @@ def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
 
 
 def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fusion: Fusion = Fusion(),
-           rank: int = 2):
+           rank: int = 2, threads: int = 0):
     """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
     `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
     from tvm.script import tirx as T
@@ -175,6 +186,8 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
     ROW_BYTES = WK
     PF = max(4, PREFETCH_BYTES // ROW_BYTES)  # rows ahead
     do_pf = PREFETCH_BYTES > 0
+    SP = threads
+    N0 = min(NT, -(-NT // SP) + LEAD_TILES) if SP > 1 else NT  # tiles of the calling thread's range
     i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
 
     def quad_index(v):  # byte 4j + r of quad word vector v <- column v*VL + j, row r of the loaded bytes
@@ -353,31 +366,43 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
                 prefetch_row(XS, r, i * 16)
 
     @T.macro
-    def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
-        for t in T.parallel(NT):
-            fetch_activations(Xc, Xw, Xp, SX, XS, R)
-            A = T.alloc_buffer((R, TN), "float32", scope="global")
-            C = T.alloc_buffer((R, TN), "int32", scope="global")
-            corr = T.alloc_buffer((TN,), "int32", scope="global")
-            wq = T.alloc_buffer((NV, 4 * VL), "int8", scope="global")
+    def tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t):
+        # columns t * TN .. of Y for R rows
+        fetch_activations(Xc, Xw, Xp, SX, XS, R)
+        A = T.alloc_buffer((R, TN), "float32", scope="global")
+        C = T.alloc_buffer((R, TN), "int32", scope="global")
+        corr = T.alloc_buffer((TN,), "int32", scope="global")
+        wq = T.alloc_buffer((NV, 4 * VL), "int8", scope="global")
+        for r in T.unroll(R):
+            for j in T.vectorized(TN):
+                A[r, j] = T.float32(0)
+        if not shifted:
+            for j in T.vectorized(TN):
+                corr[j] = 0
+        for b in range(NBF):
+            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R)
+        if LT > 0:
+            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
+        if NTAIL == 0 or t < NTF:
             for r in T.unroll(R):
                 for j in T.vectorized(TN):
-                    A[r, j] = T.float32(0)
-            if not shifted:
-                for j in T.vectorized(TN):
-                    corr[j] = 0
-            for b in range(NBF):
-                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R)
-            if LT > 0:
-                block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
-            if NTAIL == 0 or t < NTF:
-                for r in T.unroll(R):
-                    for j in T.vectorized(TN):
-                        Y[r, t * TN + j] = A[r, j]
-            else:
-                for r in T.unroll(R):
-                    for j in range(NTAIL):
-                        Y[r, t * TN + j] = A[r, j]
+                    Y[r, t * TN + j] = A[r, j]
+        else:
+            for r in T.unroll(R):
+                for j in range(NTAIL):
+                    Y[r, t * TN + j] = A[r, j]
+
+    @T.macro
+    def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
+        if SP == 0:  # the pool splits the tiles evenly
+            for t in T.parallel(NT):
+                tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t)
+        else:  # SP contiguous ranges, the first (the calling thread's) LEAD_TILES longer
+            for p in T.parallel(SP):
+                lo = T.Bind(T.if_then_else(p == 0, 0, N0 + (p - 1) * (NT - N0) // max(SP - 1, 1)))
+                hi = T.Bind(T.if_then_else(p == 0, N0, N0 + p * (NT - N0) // max(SP - 1, 1)))
+                for t in range(lo, hi):
+                    tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t)
 
     @T.macro
     def gemv(X, W, S, O, Y, M):
