@@ -6,6 +6,7 @@ can run."""
 from __future__ import annotations
 
 import functools
+import os
 import re
 
 import numpy as np
@@ -96,28 +97,33 @@ def test_matches_reference(case):
         np.testing.assert_allclose(Y.numpy(), ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()), err_msg=f"M={M}")
 
 
-@pytest.mark.parametrize("threads", [1, 2, 3, 8])
-def test_thread_ranges_match_even_split(threads: int):
-    """`threads` ranges (the calling thread's LEAD_TILES longer, more ranges than tiles) give the same Y,
-    bit for bit, as the pool's even split: every tile is computed once, the same way."""
+def test_any_pool_size_computes_every_tile_once():
+    """The parallel loop's first item holds LEAD_TILES + 1 tiles: with pools of 1, 2 and 3 threads (so ranges
+    of items that start and end anywhere) and 1, 2 or 10 tiles, Y is the reference, bit for bit the same."""
     isa, vbmi, target = VARIANTS[-1]
-    spec = QGemvA8Spec(4, 96, 300, 32, zero=8)  # 10 tiles, the last with a tail of 12 columns
-    small = QGemvA8Spec(4, 96, 40, 32, zero=8)  # 2 tiles: fewer than some of the thread counts
-    for sp in (spec, small):
-        rng = np.random.default_rng(sp.N)
-        codes, scale, _ = _weights(sp, rng)
-        packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
-        even = _kernel(sp, isa, vbmi, target)["qgemv"]
-        split = tvm.compile(prim_func(sp, name="qgemv", isa=isa, vbmi=vbmi, threads=threads),
-                            target=tvm.target.Target(dict(target))).mod["qgemv"]
-        for M in range(1, MAX_M + 1):
-            X = tvm.runtime.tensor(rng.standard_normal((M, sp.K)).astype(np.float32))
-            Y0, Y1 = (tvm.runtime.tensor(np.full((M, sp.N), np.nan, np.float32)) for _ in range(2))
-            even(X, *packed, Y0)
-            split(X, *packed, Y1)
-            np.testing.assert_array_equal(Y1.numpy(), Y0.numpy(), err_msg=f"N={sp.N} M={M}")
-    with pytest.raises(ValueError, match="threads"):
-        prim_func(spec, isa=isa, threads=-1)
+    pool = tvm.get_global_func("runtime.config_threadpool")
+    specs = [QGemvA8Spec(4, 96, n, 32, zero=8) for n in (20, 40, 300)]  # 1 tile, 2, 10 (the last with a tail)
+    try:
+        for sp in specs:
+            rng = np.random.default_rng(sp.N)
+            codes, scale, _ = _weights(sp, rng)
+            packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
+            fn = _kernel(sp, isa, vbmi, target)["qgemv"]
+            X = rng.standard_normal((2, sp.K)).astype(np.float32)
+            ref = reference(sp, X, codes, scale)
+            outs = []
+            for threads in (1, 2, 3):
+                pool(1, threads)
+                Y = tvm.runtime.tensor(np.full((2, sp.N), np.nan, np.float32))
+                fn(tvm.runtime.tensor(X), *packed, Y)
+                outs.append(Y.numpy())
+                np.testing.assert_allclose(outs[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
+                                           err_msg=f"N={sp.N}, {threads} threads")
+            for out in outs[1:]:
+                np.testing.assert_array_equal(out, outs[0])
+    finally:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        pool(1, int(os.environ.get("TVM_NUM_THREADS", "0")) or cores)  # the pool as TVM starts it
 
 
 def test_reference_is_dequantized_product():

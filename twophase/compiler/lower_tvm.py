@@ -270,8 +270,7 @@ def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
                 a8 = qgemv_a8.QGemvA8Spec.of(spec)
                 gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, vbmi, fusion, rank),
                              qgemv_a8.default_name(a8, isa, fusion) + f"_r{rank}",
-                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi, fusion=fusion, rank=rank,
-                                                        threads=host_cores()))
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi, fusion=fusion, rank=rank))
             else:
                 gv = _kernel(bb, kernels, ("qmatmul", spec, fusion, rank), qmatmul.default_name(spec, fusion) + f"_r{rank}",
                              lambda: qmatmul.prim_func(spec, fusion=fusion, rank=rank))
@@ -337,16 +336,11 @@ def _qgather_converter(frontend, kernels: dict):
     return QGather
 
 
-def host_cores() -> int:
-    """Cores this process may run on: the thread pool the library is built for (it is built for the host
-    CPU; the runtime's default pool has as many threads)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 8)
-    return max(1, cores)
-
-
 def attention_split_tasks() -> int:
-    """The attention kernel's split_tasks: two tasks per host core (kernels/tir/attention.py explains why)."""
-    return 2 * host_cores()
+    """The attention kernel's split_tasks: two tasks per core this process may run on (the library is built
+    for the host CPU; kernels/tir/attention.py explains the choice)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 8)
+    return 2 * max(1, cores)
 
 
 def _gqa_converter(frontend, kernels: dict):

@@ -25,12 +25,13 @@ holds the 4 codes of column j as bytes (4-bit: after `& 15` / `>> 4`), one shuff
     avx512/avx2  vpmaddwd (zmm / ymm): each quad word split into two int16 pair words, activation pairs
     generic      int32 multiply-adds per byte (any LLVM target)
 Per call: activation rows are quantized once (serially: M <= MAX_M rows of K), then tiles in parallel keep
-R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M). Each tile
-first requests the lines of the quantized activations (written by the calling thread, so in another core's
-cache for the pool's workers); W streams through the hardware prefetcher (PREFETCH_BYTES, a software
-prefetch distance, is 0: with 512 B the decode GEMVs streamed slower from DRAM). Built for a pool of
-`threads`, the tiles go in that many contiguous ranges, the calling thread's LEAD_TILES longer: it starts
-its range while the pool's workers are still waking up.
+R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M). The
+parallel loop's first item is LEAD_TILES + 1 tiles, the others one: the pool gives each thread a contiguous
+range of items, so the calling thread, which starts while the pool's workers are still waking up, streams
+LEAD_TILES more, whatever the pool's size. Each tile first requests the lines of the quantized activations
+(written by the calling thread, so in another core's cache for the pool's workers); W streams through the
+hardware prefetcher (PREFETCH_BYTES, a software prefetch distance, is 0: with 512 B the decode GEMVs streamed
+slower from DRAM).
 """
 
 from __future__ import annotations
@@ -51,9 +52,9 @@ XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks o
 # software prefetch distance in W; 0: none, the hardware prefetcher alone streams W faster (SmolLM2 decode GEMVs
 # from DRAM, 2 threads, paired: 1.14x over 512 B, the distance before; end to end 1.04x tok/s)
 PREFETCH_BYTES = 0
-# with `threads` set, the calling thread's range of tiles is this many tiles longer: the pool's workers start
-# about 1 us after it (TVM's pool, 2 threads: 0.75-1.1 us), a tile's stream at decode shapes (576 x 32 int4:
-# 11.5 KB). SmolLM2 decode GEMVs from DRAM, paired: 1 tile 1.08x over none, 2: 1.05x, 3: 1.06x
+# extra tiles of the calling thread's range (module doc): the pool's workers start about 1 us after it (TVM's
+# pool, 2 threads: 0.75-1.1 us), a tile's stream at decode shapes (576 x 32 int4: 11.5 KB). SmolLM2 decode
+# GEMVs from DRAM, 2 threads, paired: 1 tile 1.08x over none, 2: 1.05x, 3: 1.06x
 LEAD_TILES = 1
 AL = 16  # lanes of the vectorized absmax
 
@@ -143,17 +144,12 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 
 @fast_macros
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False,
-              fusion: Fusion = Fusion(), rank: int = 2, threads: int = 0):
+              fusion: Fusion = Fusion(), rank: int = 2):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
     qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only).
     With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
-    rank=3: X, R, Y are [B, T, .] instead (M = B * T).
-    `threads`: 0 lets the thread pool split the tiles evenly; n >= 1 splits them into n ranges for a pool of n
-    threads, the calling thread's LEAD_TILES longer (any pool size runs them correctly; n is the fast one)."""
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
-    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank,
-                  threads=threads)
+    rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
+    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
@@ -164,7 +160,7 @@ def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
 
 
 def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fusion: Fusion = Fusion(),
-           rank: int = 2, threads: int = 0):
+           rank: int = 2):
     """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
     `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
     from tvm.script import tirx as T
@@ -186,8 +182,7 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
     ROW_BYTES = WK
     PF = max(4, PREFETCH_BYTES // ROW_BYTES)  # rows ahead
     do_pf = PREFETCH_BYTES > 0
-    SP = threads
-    N0 = min(NT, -(-NT // SP) + LEAD_TILES) if SP > 1 else NT  # tiles of the calling thread's range
+    LEAD = min(LEAD_TILES, NT - 1)  # the first parallel item's extra tiles
     i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
 
     def quad_index(v):  # byte 4j + r of quad word vector v <- column v*VL + j, row r of the loaded bytes
@@ -246,12 +241,8 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
         return out
 
     @T.macro
-    def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[t, k, 0]), 0, 3, 1))
-
-    @T.macro
-    def prefetch_row(A, r, i):  # the line holding A[r, i]
-        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(A[r, i]), 0, 3, 1))
+    def prefetch(address):  # a hint only: an address past the end of a buffer is harmless
+        T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", address, 0, 3, 1))
 
     @T.macro
     def load_quads(W, wq, t, k, v):
@@ -308,9 +299,9 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
                 corr[j] = 0
         for q in range(L // 4):
             if do_pf:
-                prefetch(W, t, k0 + 4 * q + PF)
+                prefetch(T.address_of(W[t, k0 + 4 * q + PF, 0]))
             if bits == 8 and do_pf:
-                prefetch(W, t, k0 + 4 * q + 2 + PF)
+                prefetch(T.address_of(W[t, k0 + 4 * q + 2 + PF, 0]))
             load_quads(W, wq, t, k0 + 4 * q, 0)  # shuffle indices are parse-time constants: one call per v
             load_quads(W, wq, t, k0 + 4 * q, 1)
             if NV == 4:
@@ -354,16 +345,16 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
         for r in T.unroll(R):
             if vnni:
                 for i in range(-(-KQ // 16)):
-                    prefetch_row(Xw, r, i * 16)
+                    prefetch(T.address_of(Xw[r, i * 16]))
             elif pairs:
                 for i in range(-(-2 * KQ // 16)):
-                    prefetch_row(Xp, r, i * 16)
+                    prefetch(T.address_of(Xp[r, i * 16]))
             else:
                 for i in range(-(-K // 16)):
-                    prefetch_row(Xc, r, i * 16)
+                    prefetch(T.address_of(Xc[r, i * 16]))
             for i in range(-(-NB // 16)):
-                prefetch_row(SX, r, i * 16)
-                prefetch_row(XS, r, i * 16)
+                prefetch(T.address_of(SX[r, i * 16]))
+                prefetch(T.address_of(XS[r, i * 16]))
 
     @T.macro
     def tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t):
@@ -394,15 +385,12 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
 
     @T.macro
     def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
-        if SP == 0:  # the pool splits the tiles evenly
-            for t in T.parallel(NT):
-                tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t)
-        else:  # SP contiguous ranges, the first (the calling thread's) LEAD_TILES longer
-            for p in T.parallel(SP):
-                lo = T.Bind(T.if_then_else(p == 0, 0, N0 + (p - 1) * (NT - N0) // max(SP - 1, 1)))
-                hi = T.Bind(T.if_then_else(p == 0, N0, N0 + p * (NT - N0) // max(SP - 1, 1)))
-                for t in range(lo, hi):
+        for u in T.parallel(NT - LEAD):  # item 0: tiles 0 .. LEAD; item u > 0: tile u + LEAD
+            if u == 0:
+                for t in range(LEAD + 1):
                     tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t)
+            else:
+                tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, u + LEAD)
 
     @T.macro
     def gemv(X, W, S, O, Y, M):
