@@ -33,7 +33,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
-    ap.add_argument("--prefetch", default="0,512", help="comma-separated PREFETCH_BYTES to compare (first = base; 0 = no software prefetch)")
+    ap.add_argument("--prefetch", default="0,512",
+                    help="comma-separated PREFETCH_BYTES to compare (first = base; 0 = no software prefetch)")
     args = ap.parse_args()
     distances = [int(x) for x in args.prefetch.split(",")]
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

@@ -181,7 +181,6 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
     WK = TN // 2 if bits == 4 else TN
     ROW_BYTES = WK
     PF = max(4, PREFETCH_BYTES // ROW_BYTES)  # rows ahead
-    do_pf = PREFETCH_BYTES > 0
     LEAD = min(LEAD_TILES, NT - 1)  # the first parallel item's extra tiles
     i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
 
@@ -298,10 +297,10 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
             for j in T.vectorized(TN):
                 corr[j] = 0
         for q in range(L // 4):
-            if do_pf:
+            if PREFETCH_BYTES > 0:
                 prefetch(T.address_of(W[t, k0 + 4 * q + PF, 0]))
-            if bits == 8 and do_pf:
-                prefetch(T.address_of(W[t, k0 + 4 * q + 2 + PF, 0]))
+                if bits == 8:
+                    prefetch(T.address_of(W[t, k0 + 4 * q + 2 + PF, 0]))
             load_quads(W, wq, t, k0 + 4 * q, 0)  # shuffle indices are parse-time constants: one call per v
             load_quads(W, wq, t, k0 + 4 * q, 1)
             if NV == 4:
