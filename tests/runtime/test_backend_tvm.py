@@ -14,6 +14,7 @@ import pytest
 from twophase.compiler.driver import compile_model
 from twophase.compiler.errors import ArtifactError, TwophaseError, UnsupportedModelError
 from twophase.compiler.options import Backend, CompileOptions, KVDtype, PhaseOptions, QuantScheme
+from twophase.runtime import backend_tvm
 from twophase.runtime.engine import Engine
 
 pytest.importorskip("tvm")
@@ -160,6 +161,74 @@ def test_unsupported_options(tiny_hf_dir, tmp_path: Path, name, options, match):
     with pytest.raises(UnsupportedModelError, match=match):
         compile_model(str(hf_dir), tmp_path / "out", options)
     assert not (tmp_path / "out").exists()
+
+
+def _decode_run(engine, steps=6, shift=0):
+    """Prefill a left-padded batch of 3, then decode: all rows, then rows 0-1 only (a step over the first 2 rows)."""
+    ids = np.array([[1, 5, 9, 33, 12, 7, 8], [0, 0, 0, 1, 50, 60, 7], [0, 4, 4, 4, 4, 4, 20]])
+    mask = (ids != 0).astype(np.int64)
+    mask[0, 0] = 1
+    out = [engine.prefill((ids + shift) * mask, mask, reserve=2 * steps)]
+    for t in range(steps):
+        out.append(engine.decode_one_token(np.array([3 + t, 20 + t, 9 + shift])))
+    for t in range(steps):
+        out.append(engine.decode_one_token(np.array([5, 6 + t, 0]), active=np.array([True, True, False]))[:2])
+    return np.concatenate(out, axis=None)
+
+
+def test_decode_steps_replay_the_vm_bit_for_bit(artifacts, monkeypatch):
+    """Decode steps run as a native replay of their kernel calls (backend_tvm module doc): the logits equal
+    those of steps that stay on the Relax VM (TWOPHASE_TVM_REPLAY=0), bit for bit, for the full batch and for
+    a step over its first rows; a second request of the same shapes binds its new cache into the templates
+    the first one recorded."""
+    monkeypatch.setenv("TWOPHASE_TVM_REPLAY", "0")
+    vm = Engine.load(artifacts["tvm"], threads=2)
+    expected = [_decode_run(vm), _decode_run(vm, shift=2)]
+    assert vm.decode_phase._replay_fn is None and all(s.replay is None for s in vm._decode_steps.values())
+    monkeypatch.delenv("TWOPHASE_TVM_REPLAY")
+    replayed = Engine.load(artifacts["tvm"], threads=2)
+    first = _decode_run(replayed)
+    templates = dict(replayed.decode_phase._templates)
+    second = _decode_run(replayed, shift=2)
+    assert replayed.decode_phase._templates == templates and len(templates) == 2  # no new recording
+    steps = list(replayed._decode_steps.values())
+    assert len(steps) == 2 and all(s.replay is not None and s.replay.template in templates.values() for s in steps)
+    np.testing.assert_array_equal(first, expected[0])
+    np.testing.assert_array_equal(second, expected[1])
+
+
+def test_failed_replay_falls_back_to_the_vm(artifacts, caplog, monkeypatch):
+    """A replay whose kernel call fails hands the step back to the VM, which gives the same logits."""
+    monkeypatch.setenv("TWOPHASE_TVM_REPLAY", "0")
+    vm_logits = _decode_run(Engine.load(artifacts["tvm"], threads=2), steps=3)
+    monkeypatch.delenv("TWOPHASE_TVM_REPLAY")
+    e = Engine.load(artifacts["tvm"], threads=2)
+    ids = np.array([[1, 5, 9, 33, 12, 7, 8], [0, 0, 0, 1, 50, 60, 7], [0, 4, 4, 4, 4, 4, 20]])
+    mask = (ids != 0).astype(np.int64)
+    mask[0, 0] = 1
+    out = [e.prefill(ids, mask, reserve=6)]
+    for t in range(3):
+        if t == 2:
+            step = next(iter(e._decode_steps.values()))
+            assert step.replay is not None
+            step.replay._fn = lambda *args: 5  # "call 4 failed"
+        out.append(e.decode_one_token(np.array([3 + t, 20 + t, 9])))
+    assert "call 4 of" in caplog.text and "Relax VM from now on" in caplog.text
+    assert step.replay is None
+    np.testing.assert_array_equal(np.concatenate(out, axis=None), vm_logits[: sum(o.size for o in out)])
+
+
+def test_replay_plan_leaves_out_only_bookkeeping_builtins():
+    import tvm_ffi
+
+    kernel = tvm_ffi.get_global_func("runtime.config_threadpool")  # any FFI function stands for a kernel
+    calls = [("vm.builtin.check_tensor_info", kernel, []), ("vm.builtin.alloc_tensor", kernel, []),
+             ("gemv", kernel, [7])]
+    plan, why = backend_tvm.replay_plan(calls)
+    assert [name for name, _, _ in plan] == ["gemv"] and why == ""
+    assert backend_tvm.replay_plan(calls + [("vm.builtin.copy", kernel, [])]) == (None, "it calls vm.builtin.copy")
+    assert backend_tvm.replay_plan([("gemv", kernel, ["x"])]) == (None, "gemv takes a str")
+    assert backend_tvm.replay_plan(calls[:2]) == (None, "it calls no kernel")
 
 
 def test_eval_against_ort_twin(artifacts):

@@ -22,7 +22,8 @@ Shapes stay symbolic (batch, sequence, cache capacity): the graphs have no shape
 attention is one node, so one executable serves every batch size and prompt length. Weights (every
 initializer of at least SIZE_THRESHOLD bytes) become trailing function parameters instead of
 constants, are written once to `weights.bin` (shared by the phases, content-addressed as for ORT)
-and indexed per phase in `{phase}.params.json`; the .so holds code and small constants only.
+and indexed per phase in `{phase}.params.json`; the .so holds code and small constants only, plus the
+runtime's replay of a recorded decode step (runtime/native/step_replay.cc, see runtime/backend_tvm.py).
 
 Relax pipeline (`relax_pipeline`): the CPU backend's library dispatch and legalization (LegalizeOps,
 AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR: whatever elementwise work the kernels did not
@@ -55,6 +56,8 @@ from twophase.compiler.manifest import TensorSpec
 log = logging.getLogger(__name__)
 
 SIZE_THRESHOLD = 1024  # bytes: larger initializers are function parameters (weights.bin), smaller constants
+# linked into every phase library: the runtime's native replay of a recorded decode step (runtime/backend_tvm.py)
+STEP_REPLAY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "native" / "step_replay.cc"
 
 
 def require_tvm():
@@ -123,7 +126,7 @@ def lower_phases(
             mod = import_relax(proto, target)
             executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
             library = f"{phase}.so"
-            executable.export_library(str(out_dir / library))
+            executable.export_library(str(out_dir / library), addons=[str(STEP_REPLAY_SOURCE)])
             index = [_write_param(name, array, weights, written, stats) for name, array in params]
             params_file = f"{phase}.params.json"
             (out_dir / params_file).write_text(json.dumps({"weights": WEIGHTS_FILE, "params": index}, indent=1))
