@@ -13,8 +13,9 @@ shape matching, tensor allocation: ~1,250 calls in a SmolLM2 step against 152 ke
 token. The calls come from one VM run on a recording VM (`TvmPhase.replay_for`), kept as a template per
 argument signature (rows, cache capacity) with the step's arguments as holes. A step replays only if that
 run called no builtin but bookkeeping ones (REPLAY_SKIPPED: a shape that depends on data would need
-others), no intermediate overlaps a step argument (reshaped views of one are rebuilt per step), and a replay of the recorded step gave the VM's
-logits bit for bit; otherwise, and for libraries built without the replay symbol, it runs on the VM.
+others), no intermediate overlaps a step argument (reshaped views of one are rebuilt per step), and a
+replay of the recorded step gave the VM's logits bit for bit; otherwise, and for libraries built without
+the replay symbol, it runs on the VM.
 """
 
 from __future__ import annotations
