@@ -317,7 +317,7 @@ class ReplayTemplate:
     def __init__(self, replay_fn: Any, calls: list[tuple[Any, list]], inputs: list, output: Any) -> None:
         self.replay_fn = replay_fn
         self.output = output
-        self._keep = (calls, output)
+        self._keep = calls  # the native arrays borrow these functions and tensors
         self.calls = len(calls)
         self.offsets = np.cumsum([0] + [len(args) for _, args in calls]).astype(np.int32)
         self.funcs = np.array([f.__chandle__() for f, _ in calls], dtype=np.uint64)
@@ -416,7 +416,7 @@ def _arg_signature(arg: Any) -> tuple:
 
 
 def _nbytes(tensor: Any) -> int:
-    return int(np.prod(tensor.shape, dtype=np.int64)) * np.dtype(str(tensor.dtype)).itemsize
+    return int(tensor.numel()) * np.dtype(str(tensor.dtype)).itemsize
 
 
 def _drop_raised_error() -> None:
