@@ -51,10 +51,10 @@ def main() -> None:
 
     mcpu = str(tvm.target.codegen.llvm_get_system_cpu()) if args.mcpu == "native" else args.mcpu
     target = tvm.target.Target({"kind": "llvm", "mcpu": mcpu})
-    isa, vbmi = isa_for_target(target), qgemv_a8.vbmi_for_target(target)
+    isa = isa_for_target(target)
     rng = np.random.default_rng(0)
     M = args.m
-    print(f"threads={args.threads}, mcpu={mcpu}, int8 isa={isa.value} vbmi={vbmi}, M={M}, median of {args.reps} rounds")
+    print(f"threads={args.threads}, mcpu={mcpu}, int8 isa={isa.value}, M={M}, median of {args.reps} rounds")
     print(f"{'variant':8} {'K':>5} {'N':>6} {'a8 ms':>8} {'float ms':>8} {'ORT ms':>8} {'float/a8':>8} {'ORT/a8':>7}")
     for name in args.variants:
         bits, bs, ort_q = VARIANTS[name]
@@ -64,7 +64,7 @@ def main() -> None:
             gspec = qgemv_a8.QGemvA8Spec.of(wspec)
             copies = _copies(wspec, LAYERS if per_layer else 1, rng)
             packed = [[tvm.runtime.tensor(a) for a in qmatmul.pack(wspec, *c)] for c in copies]
-            fa = qgemv_a8.prim_func(gspec, isa=isa, vbmi=vbmi)
+            fa = qgemv_a8.prim_func(gspec, isa=isa)
             ff = qmatmul.prim_func(wspec)
             a8 = tvm.compile(fa, target=target).mod[fa.attrs["global_symbol"]]
             fl = tvm.compile(ff, target=target).mod[ff.attrs["global_symbol"]]

@@ -46,7 +46,7 @@ def main() -> None:
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
-    isa, vbmi = isa_for_target(target), qgemv_a8.vbmi_for_target(target)
+    isa = isa_for_target(target)
     rng = np.random.default_rng(0)
     kernels: dict[int, dict[str, object]] = {d: {} for d in distances}
     weights, xs, ys, shape_bytes = {}, {}, {}, {}
@@ -59,7 +59,7 @@ def main() -> None:
         shape_bytes[name] = sum(a.numpy().nbytes for a in weights[name][0])
         for d in distances:
             qgemv_a8.PREFETCH_BYTES = d
-            func = qgemv_a8.prim_func(qgemv_a8.QGemvA8Spec.of(wspec), name="gemv", isa=isa, vbmi=vbmi)
+            func = qgemv_a8.prim_func(qgemv_a8.QGemvA8Spec.of(wspec), name="gemv", isa=isa)
             kernels[d][name] = tvm.compile(func, target=target).mod["gemv"]
         xs[name] = tvm.runtime.tensor(rng.standard_normal((1, K)).astype(np.float32))
         ys[name] = tvm.runtime.tensor(np.zeros((1, N), np.float32))
@@ -105,7 +105,7 @@ def main() -> None:
         read_fn(src, dst)
         return time.perf_counter() - t
 
-    print(f"{total / 1e6:.1f} MB of weights per token, {args.threads} threads, {isa.value}{' + vbmi' if vbmi else ''}")
+    print(f"{total / 1e6:.1f} MB of weights per token, {args.threads} threads, {isa.value}")
     rows: dict[str, list[float]] = {"numpy read": [], "tvm read": []} | {f"gemv pf {d}": [] for d in distances}
     shape_ns = {n: [] for n in SHAPES}
     for rep in range(args.reps):

@@ -15,7 +15,7 @@ import pytest
 tvm = pytest.importorskip("tvm")
 
 from twophase.kernels.tir import qmatmul
-from twophase.kernels.tir.qgemv_a8 import MAX_M, QGemvA8Spec, pack, prim_func, quantize_rows, reference, vbmi_for_target
+from twophase.kernels.tir.qgemv_a8 import MAX_M, QGemvA8Spec, pack, prim_func, quantize_rows, reference
 from twophase.kernels.tir.qmatmul_int8 import Isa, isa_for_target
 
 AVX2 = {"kind": "llvm", "mcpu": "znver3"}  # the CI machines' ISA
@@ -29,33 +29,30 @@ SPECS = [
 ]
 
 
-def _variants() -> list[tuple[Isa, bool, dict]]:
-    """(isa, vbmi, target) for every variant up to this machine's best; AVX2 / generic built for znver3."""
+def _variants() -> list[tuple[Isa, dict]]:
+    """(isa, target) for every variant up to this machine's best; AVX2 / generic built for znver3."""
     from twophase.compiler.lower_tvm import host_target
 
     host = host_target()["tvm_target"]
-    best, vbmi = isa_for_target(host), vbmi_for_target(host)
+    best = isa_for_target(host)
     order = [Isa.GENERIC, Isa.AVX2, Isa.AVX512, Isa.AVX512_VNNI]
     host, avx2 = tuple(host.items()), tuple(AVX2.items())  # hashable
-    out = [(Isa.GENERIC, False, avx2)]
+    out = [(Isa.GENERIC, avx2)]
     if best is not Isa.GENERIC:
-        for isa in order[1 : order.index(best) + 1]:
-            target = avx2 if isa is Isa.AVX2 else host
-            out += [(isa, False, target)] + ([(isa, True, target)] if vbmi and isa is not Isa.AVX2 else [])
+        out += [(isa, avx2 if isa is Isa.AVX2 else host) for isa in order[1 : order.index(best) + 1]]
     return out
 
 
 VARIANTS = _variants()
-FULL = {VARIANTS[-1], (Isa.AVX2, False, tuple(AVX2.items()))} & set(VARIANTS)  # the host's best and the CI machines' variant: every spec
-# the others (other shuffles / dot products) on the 8-bit per-channel spec; AVX-512 without VNNI only with
-# VBMI when the host has it (its shuffle-path twin is the VNNI variant without VBMI): test time < 60 s
-OTHERS = [v for v in VARIANTS if v not in FULL and not (v[0] is Isa.AVX512 and not v[1] and (Isa.AVX512, True, v[2]) in VARIANTS)]
-CASES = [(s, v) for s in SPECS for v in VARIANTS if v in FULL] + [(SPECS[4], v) for v in OTHERS]
+FULL = {VARIANTS[-1], (Isa.AVX2, tuple(AVX2.items()))} & set(VARIANTS)  # the host's best and the CI machines' variant: every spec
+# the others (other dot products) on the 8-bit per-channel spec and one 4-bit spec: test time < 60 s
+OTHERS = [v for v in VARIANTS if v not in FULL]
+CASES = [(s, v) for s in SPECS for v in VARIANTS if v in FULL] + [(s, v) for s in (SPECS[2], SPECS[4]) for v in OTHERS]
 
 
 @functools.cache
-def _kernel(spec: QGemvA8Spec, isa: Isa, vbmi: bool, target: tuple):
-    func = prim_func(spec, name="qgemv", isa=isa, vbmi=vbmi)
+def _kernel(spec: QGemvA8Spec, isa: Isa, target: tuple):
+    func = prim_func(spec, name="qgemv", isa=isa)
     return tvm.compile(func, target=tvm.target.Target(dict(target))).mod
 
 
@@ -71,16 +68,16 @@ def _weights(spec: QGemvA8Spec, rng: np.random.Generator):
 
 
 def _id(case) -> str:
-    s, (isa, vbmi, _) = case
-    return f"b{s.bits}_k{s.K}_n{s.N}_bs{s.block_size}_o{int(s.has_offset)}_z{s.zero}-{isa.value}{'-vbmi' if vbmi else ''}"
+    s, (isa, _) = case
+    return f"b{s.bits}_k{s.K}_n{s.N}_bs{s.block_size}_o{int(s.has_offset)}_z{s.zero}-{isa.value}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_id)
 def test_matches_reference(case):
-    spec, (isa, vbmi, target) = case
+    spec, (isa, target) = case
     rng = np.random.default_rng(spec.K * 7 + spec.N)
     codes, scale, offset = _weights(spec, rng)
-    mod = _kernel(spec, isa, vbmi, target)
+    mod = _kernel(spec, isa, target)
     fn = mod["qgemv"]
     packed = [tvm.runtime.tensor(a) for a in pack(spec, codes, scale, offset)]
     for M in (*range(1, MAX_M + 1), MAX_M + 2):
@@ -100,7 +97,7 @@ def test_matches_reference(case):
 def test_any_pool_size_computes_every_tile_once():
     """The parallel loop's first item holds LEAD_TILES + 1 tiles: with pools of 1, 2 and 3 threads (so ranges
     of items that start and end anywhere) and 1, 2 or 10 tiles, Y is the reference, bit for bit the same."""
-    isa, vbmi, target = VARIANTS[-1]
+    isa, target = VARIANTS[-1]
     pool = tvm.get_global_func("runtime.config_threadpool")
     specs = [QGemvA8Spec(4, 96, n, 32, zero=8) for n in (20, 40, 300)]  # 1 tile, 2, 10 (the last with a tail)
     try:
@@ -108,7 +105,7 @@ def test_any_pool_size_computes_every_tile_once():
             rng = np.random.default_rng(sp.N)
             codes, scale, _ = _weights(sp, rng)
             packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
-            fn = _kernel(sp, isa, vbmi, target)["qgemv"]
+            fn = _kernel(sp, isa, target)["qgemv"]
             X = rng.standard_normal((2, sp.K)).astype(np.float32)
             ref = reference(sp, X, codes, scale)
             outs = []
@@ -141,10 +138,14 @@ def test_reference_is_dequantized_product():
 
 @pytest.mark.parametrize("spec", [SPECS[0], SPECS[4]], ids=["b4", "b8"])
 def test_asm_uses_integer_dot_products(spec: QGemvA8Spec):
-    """The host's best variant emits vpdpbusd (AVX512-VNNI); the AVX2 variant vpmaddwd."""
-    for isa, vbmi, target in FULL:
+    """The host's best variant emits vpdpbusd (AVX512-VNNI); the AVX2 variant vpmaddwd. The quad-interleaved
+    codes go into them as loaded: no byte permute (vpermb / vpermt2b / vpermi2b) anywhere in the GEMV."""
+    for isa, target in FULL:
         if isa not in (Isa.AVX2, Isa.AVX512_VNNI):
             continue
-        asm = _kernel(spec, isa, vbmi, target).inspect_source("asm")
+        asm = _kernel(spec, isa, target).inspect_source("asm")
         want = "vpdpbusd" if isa is Isa.AVX512_VNNI else "vpmaddwd"
-        assert len(re.findall(rf"\b{want}\b", asm)) > 0, (isa, vbmi)
+        assert len(re.findall(rf"\b{want}\b", asm)) > 0, isa
+        if isa is Isa.AVX512_VNNI:
+            gemv = asm.split("vpdpbusd", 1)[1].rsplit("vpdpbusd", 1)[0]  # from the first dot product to the last
+            assert not re.findall(r"\bvperm[it]?2?b\b", gemv), isa

@@ -14,7 +14,9 @@ from twophase.kernels.tir.qmatmul import (
     pack,
     param_specs,
     prim_func,
+    quad_order,
     reference,
+    row_order,
 )
 
 TARGET = {"kind": "llvm", "mcpu": "znver3"}
@@ -33,6 +35,9 @@ SPECS = [
     QMatMulSpec(4, 80, 50, 32, zero=8),  # symmetric int4 as unsigned codes: no offset array
     QMatMulSpec(4, 96, 40, 32, has_offset=True, zero=8),  # GGUF Q4_1 form with a constant zero
     QMatMulSpec(8, 96, 70, None, zero=-128),  # uint8 codes shifted to int8
+    QMatMulSpec(4, 74, 40, 8),  # quads, last block 2 rows: no quad, only the rows after the last quad
+    QMatMulSpec(8, 66, 33, None, has_offset=True),  # quads, per channel, 2 rows after the last quad
+    QMatMulSpec(4, 70, 40, 6),  # blocks at rows 6, 12, ...: not quad-interleaved (row order)
 ]
 
 
@@ -99,3 +104,24 @@ def test_pack_rejects_bad_input() -> None:
         pack(spec, np.zeros((32, 8), np.uint8), np.ones((1, 8), np.float32))
     with pytest.raises(ValueError, match="has_offset"):
         pack(spec, np.zeros((32, 8), np.uint8), np.ones((2, 8), np.float32), np.ones((2, 8), np.float32))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quad_interleaved_layout(bits: int) -> None:
+    """In each quad of rows, byte 4c + r holds byte c of row 4q + r (4-bit: columns c and c + 16 in its nibbles);
+    the rows after the last quad stay in row order; row_order undoes quad_order."""
+    spec = QMatMulSpec(bits, 10, 40, None)
+    assert spec.quads and not QMatMulSpec(bits, 10, 40, 6).quads and not QMatMulSpec(32, 8, 40, None).quads
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 16, (10, 40)).astype(np.uint8) if bits == 4 else rng.integers(-128, 128, (10, 40)).astype(np.int8)
+    W = pack(spec, codes, np.ones((1, 40), np.float32))[0]
+    t, q, r, c = 1, 1, 2, 3  # tile 1 = columns 32..63 (40.. are padding)
+    quad = W[t, 4 * q : 4 * q + 4].reshape(-1)
+    if bits == 4:
+        assert quad[4 * c + r] == codes[4 * q + r, 32 + c]  # column 32 + c + 16 is padding: high nibble 0
+        assert W[0, 4:8].reshape(-1)[4 * 5 + 1] == codes[5, 5] | codes[5, 21] << 4  # quad 1, row 1, byte 5
+        assert W[0, 8, 5] == codes[8, 5] | codes[8, 21] << 4  # rows 8, 9: after the last quad
+    else:
+        assert quad[4 * c + r] == codes[4 * q + r, 32 + c]
+        assert W[0, 9, 30] == codes[9, 30]
+    np.testing.assert_array_equal(row_order(spec, quad_order(spec, W)), W)

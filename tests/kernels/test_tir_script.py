@@ -19,7 +19,7 @@ SPEC = qgemv_a8.QGemvA8Spec(4, 100, 45, 32, has_offset=True)
 
 
 @pytest.mark.parametrize("build", [
-    lambda: qgemv_a8.prim_func(SPEC, isa=Isa.AVX512_VNNI, vbmi=True, fusion=Fusion(Prologue.RMS_NORM, 1e-5, True)),
+    lambda: qgemv_a8.prim_func(SPEC, isa=Isa.AVX512_VNNI, fusion=Fusion(Prologue.RMS_NORM, 1e-5, True)),
     lambda: gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, packed=True),
 ], ids=["qgemv_a8+norm+residual", "gqa"])
 def test_same_prim_func_as_tvm_lookup(build):

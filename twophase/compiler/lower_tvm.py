@@ -159,12 +159,11 @@ def import_relax(proto, target: dict | None = None) -> object:
     this machine's) picks the kernel variants that depend on SIMD features."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from twophase.kernels.tir.qgemv_a8 import vbmi_for_target
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = target if target is not None else host_target()["tvm_target"]
     isa = isa_for_target(target)
-    with _converters(isa, vbmi_for_target(target)), warnings.catch_warnings():
+    with _converters(isa), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -199,15 +198,15 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters(isa, vbmi: bool = False) -> Iterator[None]:
+def _converters(isa) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
-    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `vbmi` whether they may use vpermb."""
+    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
-        "QMatMul": _qmatmul_converter(frontend, kernels, isa, vbmi),
+        "QMatMul": _qmatmul_converter(frontend, kernels, isa),
         "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
         "GroupQueryAttention": _gqa_converter(frontend, kernels),
@@ -248,7 +247,7 @@ def _flatten_rows(bb, x, last: int):
     return x2, lead, M
 
 
-def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
+def _qmatmul_converter(frontend, kernels: dict, isa):
     from tvm import relax
 
     from twophase.kernels.tir import qgemv_a8, qmatmul
@@ -271,9 +270,9 @@ def _qmatmul_converter(frontend, kernels: dict, isa, vbmi: bool):
             rank = 3 if len(dims) == 3 else 2  # [B, T, K] as it comes (no reshapes in the VM), else rows
             if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to qgemv_a8.MAX_M rows
                 a8 = qgemv_a8.QGemvA8Spec.of(spec)
-                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, vbmi, fusion, rank),
+                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, fusion, rank),
                              qgemv_a8.default_name(a8, isa, fusion) + f"_r{rank}",
-                             lambda: qgemv_a8.prim_func(a8, isa=isa, vbmi=vbmi, fusion=fusion, rank=rank))
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, fusion=fusion, rank=rank))
             else:
                 gv = _kernel(bb, kernels, ("qmatmul", spec, fusion, rank), qmatmul.default_name(spec, fusion) + f"_r{rank}",
                              lambda: qmatmul.prim_func(spec, fusion=fusion, rank=rank))

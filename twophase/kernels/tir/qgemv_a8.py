@@ -15,15 +15,19 @@ cancelled by the offset's (SmolLM2 decode, GGUF grid, level 4: +1.78% perplexity
 integer dot products are exact on every ISA (int32, no saturation); only the per-block float scaling rounds.
 
 Weights: the arrays of `qmatmul.pack` (one copy, shared with qmatmul's float GEMM, which this kernel runs for
-M > MAX_M). Per quad of 4 rows of K and tile of TN = 32 columns the kernel loads 64 (4-bit: 4 rows x 16
-bytes, two codes a byte) or 128 bytes (8-bit) and transposes them in registers into "quad words": lane j
-holds the 4 codes of column j as bytes (4-bit: after `& 15` / `>> 4`), one shuffle per 16 columns
-(vpermb / vpermt2b on AVX512-VBMI). Then, per row, through `isa`'s dot product:
-    avx512_vnni  vpdpbusd zmm: 4-bit codes are u8 against s8 activations as they are; 8-bit signed codes
-                 go against u8 activations q_x + 128, corrected by 128 * (column sums of the block's codes),
-                 themselves one vpdpbusd of the quad words against a vector of ones per block
+M > MAX_M), whose quad-interleaved codes are "quad words" as they lie: per quad of 4 rows of K and tile of
+TN = 32 columns the kernel loads 64 (4-bit) or 128 bytes (8-bit), each 4-byte lane one column's 4 codes (4-bit:
+two columns', in the nibbles). Then, per row, through `isa`'s dot product:
+    avx512_vnni  vpdpbusd zmm: 4-bit codes are u8 against s8 activations as they are; the low-nibble columns
+                 take the whole bytes (code_lo + 16 code_hi, no mask) and lose 16 x the high-nibble columns'
+                 sums at the end of each block, so a quad costs one shift, one mask and two vpdpbusd per row.
+                 8-bit signed codes go against u8 activations q_x + 128, corrected by 128 * (column sums
+                 of the block's codes), themselves one vpdpbusd of the quad words against a vector of ones
     avx512/avx2  vpmaddwd (zmm / ymm): each quad word split into two int16 pair words, activation pairs
     generic      int32 multiply-adds per byte (any LLVM target)
+(The row-order layout before needed two byte permutes (vpermb) per 64 bytes: without them the SmolLM2 decode
+GEMV sequence, paired on Zen 4, runs 1.21x / 1.18x at 1 / 2 threads where its weights sit in L3, and the same
+within noise (1.02x / 1.00x) where they stream from DRAM, the decode case, at about the read bandwidth.)
 Per call: activation rows are quantized once (serially: M <= MAX_M rows of K), then tiles in parallel keep
 R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M). The
 parallel loop's first item is LEAD_TILES + 1 tiles, the others one: the pool gives each thread a contiguous
@@ -80,6 +84,7 @@ class QGemvA8Spec:
             raise ValueError(f"block_size {self.block_size} > 256 must be a multiple of {XB_CHANNEL}")
         if self.XB % 4 and self.XB < self.K:
             raise ValueError(f"block_size {self.block_size} must be a multiple of 4 (quads of K rows)")
+        assert w.quads, "every block starts at a multiple of 4 rows, so the codes are quad-interleaved"
 
     @classmethod
     def of(cls, spec: QMatMulSpec) -> QGemvA8Spec:
@@ -143,13 +148,12 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 
 
 @fast_macros
-def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, vbmi: bool = False,
-              fusion: Fusion = Fusion(), rank: int = 2):
+def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, fusion: Fusion = Fusion(),
+              rank: int = 2):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
-    qmatmul's float GEMM). `vbmi`: the target has AVX512-VBMI (one vpermb per quad word; AVX-512 isas only).
-    With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
+    qmatmul's float GEMM). With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
     rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
-    func = _build(spec, isa, vbmi and isa in (Isa.AVX512_VNNI, Isa.AVX512), fusion=fusion, rank=rank)
+    func = _build(spec, isa, fusion=fusion, rank=rank)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
@@ -159,7 +163,7 @@ def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
     return f"qgemv_a8_{q}_k{spec.K}_n{spec.N}{fusion.tag}_{isa.value}"
 
 
-def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fusion: Fusion = Fusion(),
+def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion = Fusion(),
            rank: int = 2):
     """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
     `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
@@ -177,6 +181,7 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
     pairs = isa in (Isa.AVX512, Isa.AVX2)
     U8 = 128 if vnni and bits == 8 else 0  # activations as u8 (q + 128) against signed 8-bit codes
     shifted = U8 != 0
+    full4 = vnni and bits == 4  # low-nibble quad words are the whole bytes (quad_words)
     wdtype = "uint8" if bits == 4 else "int8"
     WK = TN // 2 if bits == 4 else TN
     ROW_BYTES = WK
@@ -184,32 +189,19 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
     LEAD = min(LEAD_TILES, NT - 1)  # the first parallel item's extra tiles
     i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
 
-    def quad_index(v):  # byte 4j + r of quad word vector v <- column v*VL + j, row r of the loaded bytes
-        idx = []
-        for p in range(4 * VL):
-            j, r = p // 4, p % 4
-            c = v * VL + j
-            idx.append(r * 16 + c if bits == 4 and c < 16 else 64 + r * 16 + c - 16 if bits == 4 else r * 32 + c)
-        return idx
-
-    def quad_words(W, t, k, v):  # the int8 x 4VL quad words of columns v*VL .. v*VL+VL-1, rows k .. k+3
+    def quad_words(W, t, k, v):
+        # the int8 x 4VL quad words of columns v*VL .. v*VL+VL-1, rows k .. k+3: in the quad-interleaved layout
+        # (qmatmul.py) 4VL consecutive bytes of the quad, for 4-bit codes one nibble of them. With VNNI the
+        # low-nibble words are the bytes as they are (code_lo + 16 code_hi), corrected per block (`block`)
         if bits == 4:
-            chunk = W.vload([t, k, 0], "uint8x64")
-            idx = quad_index(v)
-            src = T.bitwise_and(chunk, T.broadcast(T.uint8(15), 64)) if idx[0] < 64 else T.shift_right(
-                chunk, T.broadcast(T.uint8(4), 64))
-            idx = [i % 64 for i in idx]
-            if vbmi:
-                return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.permvar.qi.512"),
-                                               T.reinterpret(src, dtype="int8x64"), _const_bytes(T, idx), dtype=b8v)
-            return T.reinterpret(T.Shuffle([src], idx), dtype=b8v)
-        a = W.vload([t, k, 0], "int8x64")
-        b = W.vload([t, k + 2, 0], "int8x64")
-        idx = quad_index(v)
-        if vbmi:
-            return T.call_llvm_pure_intrin(T.llvm_lookup_intrinsic_id("llvm.x86.avx512.vpermi2var.qi.512"),
-                                           a, _const_bytes(T, idx), b, dtype=b8v)
-        return T.Shuffle([a, b], idx)
+            half = NV // 2  # vectors per nibble
+            chunk = W.vload([t, k + v % half * 4 * VL // WK, 0], f"uint8x{4 * VL}")
+            if v >= half:
+                return T.reinterpret(T.shift_right(chunk, T.broadcast(T.uint8(4), 4 * VL)), dtype=b8v)
+            if vnni:
+                return T.reinterpret(chunk, dtype=b8v)
+            return T.reinterpret(T.bitwise_and(chunk, T.broadcast(T.uint8(15), 4 * VL)), dtype=b8v)
+        return W.vload([t, k + v * 4 * VL // WK, 0], b8v)
 
     def dot(acc, wq, Xw, Xp, Xc, m, q):
         # acc + per-lane dot product of quad words wq (int8 x 4VL) with activation codes 4q .. 4q+3 of row m
@@ -315,6 +307,10 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
                 for r in T.unroll(R):
                     C[r, T.ramp(v * VL, 1, VL)] = dot(C[r, T.ramp(v * VL, 1, VL)], wq[v, T.ramp(0, 1, 4 * VL)],
                                                       Xw, Xp, Xc, r, k0 // 4 + q)
+        if full4:  # lanes 0..15 summed code_lo + 16 code_hi (quad_words): take out 16 x the high nibbles' sums
+            for r in T.unroll(R):
+                for j in T.vectorized(TN // 2):
+                    C[r, j] = C[r, j] - C[r, j + TN // 2] * 16
         for i in range(L % 4):  # the K % 4 tail rows: columns in natural order, true (unshifted) activations
             for r in T.unroll(R):
                 if bits == 4:
@@ -421,20 +417,3 @@ def _build(spec: QGemvA8Spec, isa: Isa, vbmi: bool, macro: str | None = None, fu
         return body
     return fusion_entry(body, K=K, N=N, NT=NT, G=G, WK=WK, wdtype=wdtype, TN=TN, quant=True, has_offset=has_offset,
                         fusion=fusion, rank=rank)
-
-
-def _const_bytes(T, idx: list[int]):
-    """A constant int8 x len(idx) vector (shuffle control): a Shuffle of one broadcast lane per index."""
-    base = T.ramp(T.int8(0), T.int8(1), 128)
-    return T.Shuffle([base], idx)
-
-
-def vbmi_for_target(target) -> bool:
-    """Whether the LLVM target (a Target or its dict) has AVX512-VBMI (single-instruction byte permutes)."""
-    import tvm
-    from tvm.target.codegen import target_has_features
-
-    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if str(t.kind.name) != "llvm" or "x86" not in str(t.attrs.get("mtriple", "x86_64")):
-        return False
-    return bool(target_has_features("avx512vbmi", t))

@@ -11,12 +11,17 @@ spanning K (per output channel).
 
 Layout (what `pack` returns; N is padded to NT = ceil(N / TN) tiles of TN = 32 columns, the padding has
 zero codes and zero scales, and the kernel never writes Y beyond N):
-    bits 4:   codes [NT, K, TN / 2] uint8, byte j of row k of tile t holds column t*TN + j in its low
-              nibble and column t*TN + j + TN/2 in its high nibble, so one 16-byte load gives the codes
-              of 32 consecutive columns (and & 15 -> lanes 0..15, >> 4 -> lanes 16..31)
-    bits 8:   codes [NT, K, TN] int8
+    bits 4:   codes [NT, K, TN / 2] uint8, row k of tile t as 16 bytes: byte j holds column t*TN + j in its low
+              nibble and column t*TN + j + TN/2 in its high nibble
+    bits 8:   codes [NT, K, TN] int8, row k of tile t as 32 bytes: byte j holds column t*TN + j
     bits 32:  W     [NT, K, TN] float32
     scale, offset:  [NT, G, TN] float32
+  Quads (bits 4 and 8 where every block starts at a multiple of 4 rows, `QMatMulSpec.quads`): the rows of each
+  quad 4q .. 4q+3 (q < K // 4) are interleaved, so that the quad's 4 * WK bytes (WK = 16 or 32 bytes a row)
+  hold byte c of row 4q + r at 4c + r: each 4-byte word is one column's 4 codes (two columns' for bits 4, in
+  the two nibbles), as integer dot products (vpdpbusd, vpmaddwd) take them, with no byte shuffle in the
+  decode GEMV (qgemv_a8.py). The K % 4 rows after the last quad stay in row order. This kernel's float paths
+  put a quad back in row order with one constant shuffle (`unquad`) before using it row by row.
 
 One PrimFunc, two paths chosen at run time on M:
     M <= GEMV_MAX_M (decode): tiles of TN columns in parallel; per row, TN float accumulators (4 ymm)
@@ -83,6 +88,38 @@ class QMatMulSpec:
     def NT(self) -> int:
         return -(-self.N // TN)
 
+    @property
+    def quads(self) -> bool:
+        """Whether the codes are quad-interleaved (module doc): 4 or 8 bits, every block at a multiple of 4 rows."""
+        return self.bits != 32 and (self.G == 1 or self.bs % 4 == 0)
+
+    @property
+    def WK(self) -> int:
+        """Elements of the codes array per row of a tile."""
+        return TN // 2 if self.bits == 4 else TN
+
+
+def quad_order(spec: QMatMulSpec, codes: np.ndarray) -> np.ndarray:
+    """codes [NT, K, WK] in row order -> the quad-interleaved layout (module doc), for specs with `quads`."""
+    if not spec.quads:
+        return codes
+    NT, K, WK = codes.shape
+    KQ = K // 4
+    out = codes.copy()
+    out[:, : 4 * KQ] = codes[:, : 4 * KQ].reshape(NT, KQ, 4, WK).transpose(0, 1, 3, 2).reshape(NT, 4 * KQ, WK)
+    return out
+
+
+def row_order(spec: QMatMulSpec, codes: np.ndarray) -> np.ndarray:
+    """The inverse of `quad_order`."""
+    if not spec.quads:
+        return codes
+    NT, K, WK = codes.shape
+    KQ = K // 4
+    out = codes.copy()
+    out[:, : 4 * KQ] = codes[:, : 4 * KQ].reshape(NT, KQ, WK, 4).transpose(0, 1, 3, 2).reshape(NT, 4 * KQ, WK)
+    return out
+
 
 def param_specs(spec: QMatMulSpec) -> list[tuple[tuple[int, ...], str]]:
     """(shape, dtype) of each array `pack` returns, in prim_func's argument order after X."""
@@ -127,12 +164,12 @@ def pack(
         if c.min(initial=0) < 0 or c.max(initial=0) > 15:
             raise ValueError("4-bit codes must be in 0..15")
         t = _tile(c.astype(np.uint8), NT, np.uint8)  # [NT, K, TN]
-        codes = np.ascontiguousarray(t[:, :, : TN // 2] | (t[:, :, TN // 2 :] << 4))
+        codes = quad_order(spec, np.ascontiguousarray(t[:, :, : TN // 2] | (t[:, :, TN // 2 :] << 4)))
     else:
         c = np.asarray(codes_KN)
         if c.min(initial=0) < -128 or c.max(initial=0) > 127:
             raise ValueError("8-bit codes must be in -128..127")
-        codes = _tile(c.astype(np.int8), NT, np.int8)
+        codes = quad_order(spec, _tile(c.astype(np.int8), NT, np.int8))
     out = [codes, _tile(np.asarray(scale_GN, np.float32), NT, np.float32)]
     if offset_GN is not None:
         if offset_GN.shape != (G, N):
@@ -211,29 +248,84 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
     def c8_z(v):
         return T.Cast("float32", T.Cast("int32", v) - zero)
 
+    QUADS = spec.quads
+    QB = 4 * WK  # bytes of a quad
+    QL = 2 * TN  # float GEMV lanes per half tile of a quad: 16 columns x 4 rows
+    XPAT = list(range(QL))  # x[k .. k+3] repeated over a half tile's lanes (a Shuffle of QL / 4 copies)
+    LANES = [[4 * c + r for c in range(QL // 4)] for r in range(4)]  # lanes of row r, by column
+    UNQUAD = [4 * c + r for r in range(4) for c in range(WK)]  # row-order byte r * WK + c <- quad byte 4c + r
+
+    def quad_byte(src, t, k, r, j):  # code byte j of row r of the quad `src` (unquadded)
+        return src[r * WK + j]
+
+    def w_byte(src, t, k, r, j):  # code byte j of row k + r of tile t, straight from W
+        return src[t, k + r, j]
+
     @T.macro
     def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
         T.evaluate(T.call_llvm_intrin("void", "llvm.prefetch.p0", T.address_of(W[t, k, 0]), 0, 3, 1))
 
     @T.macro
-    def gemv_block(X, W, S, O, acc, bacc, xs, m, t, g, k0, L):
+    def unquad(W, nat, t, k):  # nat[r * WK + c] = byte c of row k + r: the quad at row k in row order
+        nat[T.ramp(0, 1, QB)] = T.Shuffle([W.vload([t, k, 0], f"{wdtype}x{QB}")], UNQUAD)
+
+    @T.macro
+    def gemv_rows(X, src, byte, bacc, xs, m, t, k, n):
+        # bacc[:] += x[k + r] * code[k + r, :] for the n rows r of `src` (byte(src, t, k, r, j): their codes)
+        for r in T.unroll(n):
+            if bits == 4:
+                for j in T.vectorized(H):
+                    bacc[j] = bacc[j] + X[m, k + r] * lo(byte(src, t, k, r, j))
+                for j in T.vectorized(H):
+                    bacc[j + H] = bacc[j + H] + X[m, k + r] * hi(byte(src, t, k, r, j))
+            else:
+                for j in T.vectorized(TN):
+                    bacc[j] = bacc[j] + X[m, k + r] * c8(byte(src, t, k, r, j))
+            if sums:
+                xs[0] = xs[0] + X[m, k + r]
+
+    @T.macro
+    def gemv_quad(X, W, bq, xs, m, t, k):
+        # bq[h * QL + 4c + r] += x[k + r] * code[k + r, 16h + c]: the quad's codes as they lie, times x[k .. k+3]
+        # repeated (one broadcast of 4 floats), so no shuffle per quad; `gemv_block` sums the 4 lanes of a column
+        if bits == 4:  # 16 bytes (a row of W: 4 columns' quads) at a time, widened before the nibbles are cut
+            for i in T.unroll(4):
+                bq[T.ramp(16 * i, 1, 16)] = bq[T.ramp(16 * i, 1, 16)] + T.Shuffle(
+                    [X.vload([m, k], "float32x4")] * 4, XPAT[:16]) * T.Cast("float32x16", T.bitwise_and(
+                        T.Cast("int32x16", W.vload([t, k + i, 0], "uint8x16")), T.broadcast(15, 16)))
+                bq[T.ramp(QL + 16 * i, 1, 16)] = bq[T.ramp(QL + 16 * i, 1, 16)] + T.Shuffle(
+                    [X.vload([m, k], "float32x4")] * 4, XPAT[:16]) * T.Cast("float32x16", T.shift_right(
+                        T.Cast("int32x16", W.vload([t, k + i, 0], "uint8x16")), T.broadcast(4, 16)))
+        else:
+            bq[T.ramp(0, 1, QL)] = bq[T.ramp(0, 1, QL)] + T.Shuffle([X.vload([m, k], "float32x4")] * (QL // 4), XPAT) * T.Cast(
+                f"float32x{QL}", W.vload([t, k, 0], f"int8x{QL}"))
+            bq[T.ramp(QL, 1, QL)] = bq[T.ramp(QL, 1, QL)] + T.Shuffle([X.vload([m, k], "float32x4")] * (QL // 4), XPAT) * T.Cast(
+                f"float32x{QL}", W.vload([t, k + 2, 0], f"int8x{QL}"))
+        if sums:
+            xs[0] = xs[0] + (X[m, k] + X[m, k + 1]) + (X[m, k + 2] + X[m, k + 3])
+
+    @T.macro
+    def gemv_block(X, W, S, O, acc, bacc, bq, xs, m, t, g, k0, L):
         # acc[:] += scale[g] * sum_{k in block} x[k] * code[k, :]  (+ offset[g] * sum x)
         for j in T.vectorized(TN):
             bacc[j] = T.float32(0)
         if sums:
             xs[0] = T.float32(0)
-        for kk in range(L):
-            prefetch(W, t, k0 + kk + PREFETCH)
-            if bits == 4:
-                for j in T.vectorized(H):
-                    bacc[j] = bacc[j] + X[m, k0 + kk] * lo(W[t, k0 + kk, j])
-                for j in T.vectorized(H):
-                    bacc[j + H] = bacc[j + H] + X[m, k0 + kk] * hi(W[t, k0 + kk, j])
-            else:
-                for j in T.vectorized(TN):
-                    bacc[j] = bacc[j] + X[m, k0 + kk] * c8(W[t, k0 + kk, j])
-            if sums:
-                xs[0] = xs[0] + X[m, k0 + kk]
+        if QUADS:
+            bq[T.ramp(0, 1, 2 * QL)] = T.broadcast(T.float32(0), 2 * QL)
+            for q in range(L // 4):
+                prefetch(W, t, k0 + 4 * q + PREFETCH)
+                gemv_quad(X, W, bq, xs, m, t, k0 + 4 * q)
+            for h in T.unroll(2):  # lane 4c + r of half h: column 16h + c, row r: sum over r
+                bacc[T.ramp(h * QL // 4, 1, QL // 4)] = (
+                    T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[0]) + T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[1])
+                ) + (T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[2]) + T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[3]))
+            for i in range(L % 4):  # rows after the last quad (module doc)
+                gemv_rows(X, W, w_byte, bacc, xs, m, t, k0 + L // 4 * 4 + i, 1)
+        else:
+            for kk in range(L):
+                prefetch(W, t, k0 + kk + PREFETCH)
+                gemv_rows(X, W, w_byte, bacc, xs, m, t, k0 + kk, 1)
         for j in T.vectorized(TN):
             if has_offset and zero != 0:
                 acc[j] = acc[j] + (bacc[j] - T.float32(zero) * xs[0]) * S[t, g, j] + xs[0] * O[t, g, j]
@@ -264,13 +356,14 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
                 acc = T.alloc_buffer((TN,), "float32", scope="global")
                 bacc = T.alloc_buffer((TN,), "float32", scope="global")
                 xs = T.alloc_buffer((1,), "float32", scope="global")
+                bq = T.alloc_buffer((2 * QL,), "float32", scope="global")
                 for j in T.vectorized(TN):
                     acc[j] = T.float32(0)
                 if quant:
                     for g in range(GF):
-                        gemv_block(X, W, S, O, acc, bacc, xs, m, t, g, g * bs, bs)
+                        gemv_block(X, W, S, O, acc, bacc, bq, xs, m, t, g, g * bs, bs)
                     if KT > 0:
-                        gemv_block(X, W, S, O, acc, bacc, xs, m, t, GF, GF * bs, KT)
+                        gemv_block(X, W, S, O, acc, bacc, bq, xs, m, t, GF, GF * bs, KT)
                 else:
                     for k in range(K):
                         for j in T.vectorized(TN):
@@ -278,25 +371,38 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
                 store_row(Y, acc, m, t)
 
     @T.macro
-    def dequant_rows(W, S, O, P, t, g, k0, L):
-        for kk in range(L):
+    def panel_rows(S, O, P, src, byte, t, g, k, n):
+        # P[k + r, :] = dequantized code[k + r, :] for the n rows r of `src` (gemv_rows' convention)
+        for r in T.unroll(n):
             if bits == 4:
                 for j in T.vectorized(H):
                     if has_offset:
-                        P[k0 + kk, j] = lo_z(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                        P[k + r, j] = lo_z(byte(src, t, k, r, j)) * S[t, g, j] + O[t, g, j]
                     else:
-                        P[k0 + kk, j] = lo_z(W[t, k0 + kk, j]) * S[t, g, j]
+                        P[k + r, j] = lo_z(byte(src, t, k, r, j)) * S[t, g, j]
                 for j in T.vectorized(H):
                     if has_offset:
-                        P[k0 + kk, j + H] = hi_z(W[t, k0 + kk, j]) * S[t, g, j + H] + O[t, g, j + H]
+                        P[k + r, j + H] = hi_z(byte(src, t, k, r, j)) * S[t, g, j + H] + O[t, g, j + H]
                     else:
-                        P[k0 + kk, j + H] = hi_z(W[t, k0 + kk, j]) * S[t, g, j + H]
+                        P[k + r, j + H] = hi_z(byte(src, t, k, r, j)) * S[t, g, j + H]
             else:
                 for j in T.vectorized(TN):
                     if has_offset:
-                        P[k0 + kk, j] = c8_z(W[t, k0 + kk, j]) * S[t, g, j] + O[t, g, j]
+                        P[k + r, j] = c8_z(byte(src, t, k, r, j)) * S[t, g, j] + O[t, g, j]
                     else:
-                        P[k0 + kk, j] = c8_z(W[t, k0 + kk, j]) * S[t, g, j]
+                        P[k + r, j] = c8_z(byte(src, t, k, r, j)) * S[t, g, j]
+
+    @T.macro
+    def dequant_rows(W, S, O, P, nat, t, g, k0, L):
+        if QUADS:
+            for q in range(L // 4):
+                unquad(W, nat, t, k0 + 4 * q)
+                panel_rows(S, O, P, nat, quad_byte, t, g, k0 + 4 * q, 4)
+            for i in range(L % 4):
+                panel_rows(S, O, P, W, w_byte, t, g, k0 + L // 4 * 4 + i, 1)
+        else:
+            for kk in range(L):
+                panel_rows(S, O, P, W, w_byte, t, g, k0 + kk, 1)
 
     @T.macro
     def micro(X, W, P, Y, t, m0, s, R):
@@ -354,10 +460,11 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
         for t in T.parallel(NT):
             if quant:
                 P = T.alloc_buffer((K, TN), "float32", scope="global")
+                nat = T.alloc_buffer((QB,), wdtype, scope="global")
                 for g in range(GF):
-                    dequant_rows(W, S, O, P, t, g, g * bs, bs)
+                    dequant_rows(W, S, O, P, nat, t, g, g * bs, bs)
                 if KT > 0:
-                    dequant_rows(W, S, O, P, t, GF, GF * bs, KT)
+                    dequant_rows(W, S, O, P, nat, t, GF, GF * bs, KT)
                 gemm_rows(X, W, P, Y, t, M)
             else:
                 gemm_rows(X, W, W, Y, t, M)
