@@ -4,8 +4,11 @@
                                 [--roofline] [--batches 1,4,16] [--threads 2] [--reps 5]
     python benchmarks/phases.py --backend tvm,ort [--schemes w8a16,w4a16] [--no-transformers]
 
-Every engine runs in the same process run, interleaved repetition by repetition; the table reports
-medians, with ratios to the first artifact (the baseline, e.g. fp32) measured in that same run.
+Every engine runs in the same process run, interleaved repetition by repetition, in alternating order (forward,
+then reversed: on this machine the engine that runs second in a repetition measured up to 0.78x, whichever it
+was); the table reports medians, with ratios to the first artifact (the baseline, e.g. fp32) measured in that
+same run: the median of the per-repetition ratios, which holds where the machine's bandwidth swings between
+repetitions (a ratio of medians taken from different repetitions does not).
 
 Engines: each --artifact (twophase; e.g. one per scheme, or "before/after" builds such as
 `--kv-cache grow --no-fusions` vs the default), transformers eager fp32 (unless --no-transformers),
@@ -270,30 +273,33 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[tuple[str, str], list[float]] = {}
     bandwidths = []  # --roofline: read bandwidth measured in each repetition, just before its runs
-    for _ in range(args.reps):
+    for rep in range(args.reps):
         if args.roofline:
             from twophase.bench.roofline import StreamKernel, measure_bandwidth
 
             bw = measure_bandwidth(args.threads)
             bandwidths.append((bw.kernel(StreamKernel.READ).median_gbs, bw.cpu_share, bw.array_mib))
-        for r in runners:
+        for r in runners if rep % 2 == 0 else runners[::-1]:  # alternating order: position effects cancel
             for n in lengths:
                 times.setdefault((r.name, f"prefill {n}"), []).append(n / r.prefill(prompts[n]))
             times.setdefault((r.name, "decode @128"), []).append(args.decode_steps / r.decode(prompts[128], args.decode_steps))
 
+    def paired(a: list[float], b: list[float]) -> float:  # median of the per-repetition ratios
+        return statistics.median(x / y for x, y in zip(a, b))
+
     cols = [f"prefill {n}" for n in lengths] + ["decode @128"]
     base = runners[0].name
     print(f"\n{args.model}, {args.threads} threads, median of {args.reps} runs; tokens/s "
-          f"(ratio vs the first artifact{' / vs transformers' if hf else ''})\n")
+          f"(ratio vs the first artifact{' / vs transformers' if hf else ''}: median of the per-repetition ratios)\n")
     print("| engine | " + " | ".join(cols) + " |")
     print("|---" * (len(cols) + 1) + "|")
     for r in runners:
         cells = []
         for c in cols:
             med = statistics.median(times[(r.name, c)])
-            cell = f"{med:.1f} ({med / statistics.median(times[(base, c)]):.2f}x"
+            cell = f"{med:.1f} ({paired(times[(r.name, c)], times[(base, c)]):.2f}x"
             if hf is not None:
-                cell += f" / {med / statistics.median(times[(hf.name, c)]):.2f}x"
+                cell += f" / {paired(times[(r.name, c)], times[(hf.name, c)]):.2f}x"
             cells.append(cell + ")")
         print(f"| {r.name} | " + " | ".join(cells) + " |")
 
