@@ -44,7 +44,8 @@ def _variants() -> list[tuple[Isa, dict]]:
 
 
 VARIANTS = _variants()
-FULL = {VARIANTS[-1], (Isa.AVX2, tuple(AVX2.items()))} & set(VARIANTS)  # the host's best and the CI machines' variant: every spec
+# the host's best and the CI machines' variant: every spec
+FULL = {VARIANTS[-1], (Isa.AVX2, tuple(AVX2.items()))} & set(VARIANTS)
 # the others (other dot products) on the 8-bit per-channel spec and one 4-bit spec: test time < 60 s
 OTHERS = [v for v in VARIANTS if v not in FULL]
 CASES = [(s, v) for s in SPECS for v in VARIANTS if v in FULL] + [(s, v) for s in (SPECS[2], SPECS[4]) for v in OTHERS]

@@ -113,7 +113,8 @@ def test_quad_interleaved_layout(bits: int) -> None:
     spec = QMatMulSpec(bits, 10, 40, None)
     assert spec.quads and not QMatMulSpec(bits, 10, 40, 6).quads and not QMatMulSpec(32, 8, 40, None).quads
     rng = np.random.default_rng(bits)
-    codes = rng.integers(0, 16, (10, 40)).astype(np.uint8) if bits == 4 else rng.integers(-128, 128, (10, 40)).astype(np.int8)
+    codes = rng.integers(0, 16, (10, 40)) if bits == 4 else rng.integers(-128, 128, (10, 40))
+    codes = codes.astype(np.uint8 if bits == 4 else np.int8)
     W = pack(spec, codes, np.ones((1, 40), np.float32))[0]
     t, q, r, c = 1, 1, 2, 3  # tile 1 = columns 32..63 (40.. are padding)
     quad = W[t, 4 * q : 4 * q + 4].reshape(-1)

@@ -151,7 +151,8 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, fusion: Fusion = Fusion(),
               rank: int = 2):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
-    qmatmul's float GEMM). With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual R [M, N] before Y.
+    qmatmul's float GEMM). With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual
+    R [M, N] before Y.
     rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
     func = _build(spec, isa, fusion=fusion, rank=rank)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))

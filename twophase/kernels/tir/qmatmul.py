@@ -20,16 +20,20 @@ zero codes and zero scales, and the kernel never writes Y beyond N):
   quad 4q .. 4q+3 (q < K // 4) are interleaved, so that the quad's 4 * WK bytes (WK = 16 or 32 bytes a row)
   hold byte c of row 4q + r at 4c + r: each 4-byte word is one column's 4 codes (two columns' for bits 4, in
   the two nibbles), as integer dot products (vpdpbusd, vpmaddwd) take them, with no byte shuffle in the
-  decode GEMV (qgemv_a8.py). The K % 4 rows after the last quad stay in row order. This kernel's float paths
-  put a quad back in row order with one constant shuffle (`unquad`) before using it row by row.
+  decode GEMV (qgemv_a8.py). The K % 4 rows after the last quad stay in row order. Unlike the int8-activation
+  GEMV, this kernel's float paths pay a little for it (Zen 4, 2 threads, against the row-order layout: the
+  GEMV for 2 rows from cache 0.94x with 4-bit codes, 1.0x with 8-bit; the GEMM at 128 rows 0.99-1.0x).
 
 One PrimFunc, two paths chosen at run time on M:
-    M <= GEMV_MAX_M (decode): tiles of TN columns in parallel; per row, TN float accumulators (4 ymm)
-        collect sum_k x[k] * code[k, :] over a block, then acc += block_sum * scale (+ offset * sum x).
-        W is prefetched PREFETCH_BYTES ahead. Per 8 codes: one int->float convert and one FMA, which is
-        the ceiling of a float-activation kernel on AVX2 (about 4 codes per cycle per FMA port).
+    M <= GEMV_MAX_M (decode): tiles of TN columns in parallel; per row, float accumulators collect
+        sum_k x[k] * code[k, :] over a block, then acc += block_sum * scale (+ offset * sum x). A quad is
+        multiplied as it lies: 4 * TN lanes (column c, row r) at 4c + r times x[k .. k+3] repeated (one
+        broadcast of 4 floats), and a column's 4 lanes are summed once per block; rows after the last quad
+        (and codes without quads) go row by row. W is prefetched PREFETCH_BYTES ahead. Per 8 codes: one
+        int->float convert and one FMA, the ceiling of a float-activation kernel on AVX2.
     M > GEMV_MAX_M (prefill, batched decode): tiles of TN columns in parallel; each tile's K x TN panel
-        is dequantized once into a float32 scratch (workspace, K * TN * 4 bytes per thread), then a
+        is dequantized once into a float32 scratch (workspace, K * TN * 4 bytes per thread; a quad is put
+        back in row order first, one constant shuffle, `unquad`), then a
         register-tiled GEMM (MR = 6 rows x NR = 16 columns of accumulators, 12 ymm) runs over all rows;
         the M % MR leftover rows take one register tile of that many rows.
 Vector widths are those of AVX2 (8 float32 lanes); build for e.g. Target({"kind": "llvm", "mcpu": "znver3"}).
@@ -93,31 +97,26 @@ class QMatMulSpec:
         """Whether the codes are quad-interleaved (module doc): 4 or 8 bits, every block at a multiple of 4 rows."""
         return self.bits != 32 and (self.G == 1 or self.bs % 4 == 0)
 
-    @property
-    def WK(self) -> int:
-        """Elements of the codes array per row of a tile."""
-        return TN // 2 if self.bits == 4 else TN
-
 
 def quad_order(spec: QMatMulSpec, codes: np.ndarray) -> np.ndarray:
     """codes [NT, K, WK] in row order -> the quad-interleaved layout (module doc), for specs with `quads`."""
-    if not spec.quads:
-        return codes
-    NT, K, WK = codes.shape
-    KQ = K // 4
-    out = codes.copy()
-    out[:, : 4 * KQ] = codes[:, : 4 * KQ].reshape(NT, KQ, 4, WK).transpose(0, 1, 3, 2).reshape(NT, 4 * KQ, WK)
-    return out
+    return _transpose_quads(spec, codes, inverse=False)
 
 
 def row_order(spec: QMatMulSpec, codes: np.ndarray) -> np.ndarray:
     """The inverse of `quad_order`."""
+    return _transpose_quads(spec, codes, inverse=True)
+
+
+def _transpose_quads(spec: QMatMulSpec, codes: np.ndarray, inverse: bool) -> np.ndarray:
+    """Each quad's 4 x WK bytes transposed (WK x 4 when `inverse`); the rows after the last quad as they are."""
     if not spec.quads:
         return codes
     NT, K, WK = codes.shape
     KQ = K // 4
+    shape = (NT, KQ, WK, 4) if inverse else (NT, KQ, 4, WK)
     out = codes.copy()
-    out[:, : 4 * KQ] = codes[:, : 4 * KQ].reshape(NT, KQ, WK, 4).transpose(0, 1, 3, 2).reshape(NT, 4 * KQ, WK)
+    out[:, : 4 * KQ] = codes[:, : 4 * KQ].reshape(shape).transpose(0, 1, 3, 2).reshape(NT, 4 * KQ, WK)
     return out
 
 
@@ -251,7 +250,6 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
     QUADS = spec.quads
     QB = 4 * WK  # bytes of a quad
     QL = 2 * TN  # float GEMV lanes per half tile of a quad: 16 columns x 4 rows
-    XPAT = list(range(QL))  # x[k .. k+3] repeated over a half tile's lanes (a Shuffle of QL / 4 copies)
     LANES = [[4 * c + r for c in range(QL // 4)] for r in range(4)]  # lanes of row r, by column
     UNQUAD = [4 * c + r for r in range(4) for c in range(WK)]  # row-order byte r * WK + c <- quad byte 4c + r
 
@@ -260,6 +258,15 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
 
     def w_byte(src, t, k, r, j):  # code byte j of row k + r of tile t, straight from W
         return src[t, k + r, j]
+
+    def x_quad(X, m, k, lanes):  # x[k .. k+3] repeated over `lanes` lanes (a Shuffle of lanes / 4 copies)
+        return T.Shuffle([X.vload([m, k], "float32x4")] * (lanes // 4), list(range(lanes)))
+
+    def w_words(W, t, k):  # the 16 code bytes of row k of tile t, widened to int32
+        return T.Cast("int32x16", W.vload([t, k, 0], "uint8x16"))
+
+    def row_lanes(bq, h, r):  # the lanes 4c + r of half h of a quad's float GEMV accumulators: row r, by column
+        return T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[r])
 
     @T.macro
     def prefetch(W, t, k):  # a hint only: an address past the end of W is harmless
@@ -290,16 +297,14 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
         # repeated (one broadcast of 4 floats), so no shuffle per quad; `gemv_block` sums the 4 lanes of a column
         if bits == 4:  # 16 bytes (a row of W: 4 columns' quads) at a time, widened before the nibbles are cut
             for i in T.unroll(4):
-                bq[T.ramp(16 * i, 1, 16)] = bq[T.ramp(16 * i, 1, 16)] + T.Shuffle(
-                    [X.vload([m, k], "float32x4")] * 4, XPAT[:16]) * T.Cast("float32x16", T.bitwise_and(
-                        T.Cast("int32x16", W.vload([t, k + i, 0], "uint8x16")), T.broadcast(15, 16)))
-                bq[T.ramp(QL + 16 * i, 1, 16)] = bq[T.ramp(QL + 16 * i, 1, 16)] + T.Shuffle(
-                    [X.vload([m, k], "float32x4")] * 4, XPAT[:16]) * T.Cast("float32x16", T.shift_right(
-                        T.Cast("int32x16", W.vload([t, k + i, 0], "uint8x16")), T.broadcast(4, 16)))
+                bq[T.ramp(16 * i, 1, 16)] = bq[T.ramp(16 * i, 1, 16)] + x_quad(X, m, k, 16) * T.Cast(
+                    "float32x16", T.bitwise_and(w_words(W, t, k + i), T.broadcast(15, 16)))
+                bq[T.ramp(QL + 16 * i, 1, 16)] = bq[T.ramp(QL + 16 * i, 1, 16)] + x_quad(X, m, k, 16) * T.Cast(
+                    "float32x16", T.shift_right(w_words(W, t, k + i), T.broadcast(4, 16)))
         else:
-            bq[T.ramp(0, 1, QL)] = bq[T.ramp(0, 1, QL)] + T.Shuffle([X.vload([m, k], "float32x4")] * (QL // 4), XPAT) * T.Cast(
+            bq[T.ramp(0, 1, QL)] = bq[T.ramp(0, 1, QL)] + x_quad(X, m, k, QL) * T.Cast(
                 f"float32x{QL}", W.vload([t, k, 0], f"int8x{QL}"))
-            bq[T.ramp(QL, 1, QL)] = bq[T.ramp(QL, 1, QL)] + T.Shuffle([X.vload([m, k], "float32x4")] * (QL // 4), XPAT) * T.Cast(
+            bq[T.ramp(QL, 1, QL)] = bq[T.ramp(QL, 1, QL)] + x_quad(X, m, k, QL) * T.Cast(
                 f"float32x{QL}", W.vload([t, k + 2, 0], f"int8x{QL}"))
         if sums:
             xs[0] = xs[0] + (X[m, k] + X[m, k + 1]) + (X[m, k + 2] + X[m, k + 3])
@@ -317,9 +322,8 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
                 prefetch(W, t, k0 + 4 * q + PREFETCH)
                 gemv_quad(X, W, bq, xs, m, t, k0 + 4 * q)
             for h in T.unroll(2):  # lane 4c + r of half h: column 16h + c, row r: sum over r
-                bacc[T.ramp(h * QL // 4, 1, QL // 4)] = (
-                    T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[0]) + T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[1])
-                ) + (T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[2]) + T.Shuffle([bq[T.ramp(h * QL, 1, QL)]], LANES[3]))
+                bacc[T.ramp(h * QL // 4, 1, QL // 4)] = (row_lanes(bq, h, 0) + row_lanes(bq, h, 1)) + (
+                    row_lanes(bq, h, 2) + row_lanes(bq, h, 3))
             for i in range(L % 4):  # rows after the last quad (module doc)
                 gemv_rows(X, W, w_byte, bacc, xs, m, t, k0 + L // 4 * 4 + i, 1)
         else:
