@@ -20,7 +20,7 @@ TN = 32 columns the kernel loads 64 (4-bit) or 128 bytes (8-bit), each 4-byte la
 two columns', in the nibbles). Then, per row, through `isa`'s dot product:
     avx512_vnni  vpdpbusd zmm: 4-bit codes are u8 against s8 activations as they are; the low-nibble columns
                  take the whole bytes (code_lo + 16 code_hi, no mask) and lose 16 x the high-nibble columns'
-                 sums at the end of each block, so a quad costs one shift, one mask and two vpdpbusd per row.
+                 sums at the end of each block: a quad costs one shift and one mask, then two vpdpbusd per row.
                  8-bit signed codes go against u8 activations q_x + 128, corrected by 128 * (column sums
                  of the block's codes), themselves one vpdpbusd of the quad words against a vector of ones
     avx512/avx2  vpmaddwd (zmm / ymm): each quad word split into two int16 pair words, activation pairs
