@@ -22,7 +22,7 @@ zero codes and zero scales, and the kernel never writes Y beyond N):
   the two nibbles), as integer dot products (vpdpbusd, vpmaddwd) take them, with no byte shuffle in the
   decode GEMV (qgemv_a8.py). The K % 4 rows after the last quad stay in row order. Unlike the int8-activation
   GEMV, this kernel's float paths pay a little for it (Zen 4, 2 threads, against the row-order layout: the
-  GEMV for 2 rows from cache 0.94x with 4-bit codes, 1.0x with 8-bit; the GEMM at 128 rows 0.99-1.0x).
+  GEMV for 2 rows from cache 0.91-0.95x with 4-bit codes, 1.0x with 8-bit; the GEMM at 128 rows 0.99-1.0x).
 
 One PrimFunc, two paths chosen at run time on M:
     M <= GEMV_MAX_M (decode): tiles of TN columns in parallel; per row, float accumulators collect
@@ -277,19 +277,18 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
         nat[T.ramp(0, 1, QB)] = T.Shuffle([W.vload([t, k, 0], f"{wdtype}x{QB}")], UNQUAD)
 
     @T.macro
-    def gemv_rows(X, src, byte, bacc, xs, m, t, k, n):
-        # bacc[:] += x[k + r] * code[k + r, :] for the n rows r of `src` (byte(src, t, k, r, j): their codes)
-        for r in T.unroll(n):
-            if bits == 4:
-                for j in T.vectorized(H):
-                    bacc[j] = bacc[j] + X[m, k + r] * lo(byte(src, t, k, r, j))
-                for j in T.vectorized(H):
-                    bacc[j + H] = bacc[j + H] + X[m, k + r] * hi(byte(src, t, k, r, j))
-            else:
-                for j in T.vectorized(TN):
-                    bacc[j] = bacc[j] + X[m, k + r] * c8(byte(src, t, k, r, j))
-            if sums:
-                xs[0] = xs[0] + X[m, k + r]
+    def gemv_row(X, W, bacc, xs, m, t, k):
+        # bacc[:] += x[k] * code[k, :] for a row of W in row order
+        if bits == 4:
+            for j in T.vectorized(H):
+                bacc[j] = bacc[j] + X[m, k] * lo(W[t, k, j])
+            for j in T.vectorized(H):
+                bacc[j + H] = bacc[j + H] + X[m, k] * hi(W[t, k, j])
+        else:
+            for j in T.vectorized(TN):
+                bacc[j] = bacc[j] + X[m, k] * c8(W[t, k, j])
+        if sums:
+            xs[0] = xs[0] + X[m, k]
 
     @T.macro
     def gemv_quad(X, W, bq, xs, m, t, k):
@@ -325,11 +324,11 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
                 bacc[T.ramp(h * QL // 4, 1, QL // 4)] = (row_lanes(bq, h, 0) + row_lanes(bq, h, 1)) + (
                     row_lanes(bq, h, 2) + row_lanes(bq, h, 3))
             for i in range(L % 4):  # rows after the last quad (module doc)
-                gemv_rows(X, W, w_byte, bacc, xs, m, t, k0 + L // 4 * 4 + i, 1)
+                gemv_row(X, W, bacc, xs, m, t, k0 + L // 4 * 4 + i)
         else:
             for kk in range(L):
                 prefetch(W, t, k0 + kk + PREFETCH)
-                gemv_rows(X, W, w_byte, bacc, xs, m, t, k0 + kk, 1)
+                gemv_row(X, W, bacc, xs, m, t, k0 + kk)
         for j in T.vectorized(TN):
             if has_offset and zero != 0:
                 acc[j] = acc[j] + (bacc[j] - T.float32(zero) * xs[0]) * S[t, g, j] + xs[0] * O[t, g, j]
@@ -376,7 +375,7 @@ def _build(spec: QMatMulSpec, macro: str | None = None, fusion: Fusion = Fusion(
 
     @T.macro
     def panel_rows(S, O, P, src, byte, t, g, k, n):
-        # P[k + r, :] = dequantized code[k + r, :] for the n rows r of `src` (gemv_rows' convention)
+        # P[k + r, :] = dequantized code[k + r, :] for the n rows r of `src` (byte(src, t, k, r, j): their codes)
         for r in T.unroll(n):
             if bits == 4:
                 for j in T.vectorized(H):
