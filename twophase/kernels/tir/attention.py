@@ -41,6 +41,7 @@ _BK = 32  # keys per block of the online softmax
 _BQ = 8  # query rows per parallel task (prefill); decode has one
 SPLIT_TASKS = 16  # default: fewer attention tasks than this get their keys split (decode at small batch)
 _MAX_SPLIT = 8
+_EVEN, _ODD = list(range(0, 2 * _VL, 2)), list(range(1, 2 * _VL, 2))  # lanes of two concatenated vectors
 _NEG = -3.0e38  # "minus infinity" that keeps exp() and max() free of NaN
 # slots of a task's integer scratch (a stack array: TVMScript's `x = ...` scalars live in the workspace pool)
 _B, _Z, _I0, _N, _PAST, _NR, _KEND, _CHUNK, _KB0, _KB1, _J0, _NK = range(12)
@@ -105,6 +106,13 @@ def gqa_prim_func(
                 Y[k] = X[b, i, col + k] * COS[p, k] - X[b, i, col + k + H2] * SIN[p, k]
                 Y[k + H2] = X[b, i, col + k + H2] * COS[p, k] + X[b, i, col + k] * SIN[p, k]
 
+    def lane_sums(acc8, g):
+        # float32 x 8: lane j = the sum of the 8 lanes of acc8[g, j] (a tree of shuffles and 7 vector adds)
+        level = [acc8[g, j, T.ramp(0, 1, _VL)] for j in range(_VL)]
+        while len(level) > 1:
+            level = [T.Shuffle([a, b], _EVEN) + T.Shuffle([a, b], _ODD) for a, b in zip(level[::2], level[1::2])]
+        return level[0]
+
     @T.macro
     def task_body(XQ, KC, VC, COS, SIN, OUT, part_o, part_ml, ix, t, h, NS, BQ, R):
         # one task: query rows ix[_I0] .. + ix[_NR] of row ix[_B] against kv head h, key blocks ix[_KB0] .. ix[_KB1]
@@ -114,6 +122,7 @@ def gqa_prim_func(
         l = T.alloc_buffer((R,), "float32", scope="global")
         s = T.alloc_buffer((R, _BK), "float32", scope="global")
         acc = T.alloc_buffer((G, _VL), "float32", scope="global")
+        acc8 = T.alloc_buffer((G, _VL, _VL), "float32", scope="global")
         red = T.alloc_buffer((_VL,), "float32", scope="global")
         red_d = T.alloc_buffer((D,), "float32", scope="global")
         sc = T.alloc_buffer((4,), "float32", scope="global")  # 0: dot, 1: max, 2: sum, 3: rescale / 1 / sum
@@ -133,8 +142,27 @@ def gqa_prim_func(
                     for x in T.serial(G):
                         for jj in T.vectorized(_BK):
                             s[r * G + x, jj] = T.float32(_NEG)
-                    # scores: 8-lane partial dots for the G heads, K row loaded once
-                    for jj in T.serial(ix[_NK]):
+                    # scores, 8 keys at a time: 8-lane partial dots for the G heads (each K row loaded once), then
+                    # one shuffle-add tree per head turns the 8 keys' partial vectors into their 8 scores
+                    for j8 in T.serial(ix[_NK] // _VL):
+                        for jj in T.unroll(_VL):
+                            for g in T.unroll(G):
+                                for v in T.vectorized(_VL):
+                                    acc8[g, jj, v] = T.float32(0)
+                            for d0 in T.unroll(ND):
+                                for g in T.unroll(G):
+                                    for v in T.vectorized(_VL):
+                                        acc8[g, jj, v] = acc8[g, jj, v] + qs[r * G + g, d0 * _VL + v] * KC[
+                                            ix[_B], h, ix[_J0] + j8 * _VL + jj, d0 * _VL + v]
+                        for g in T.unroll(G):
+                            if use_cap:
+                                red[T.ramp(0, 1, _VL)] = lane_sums(acc8, g)
+                                for v in T.serial(_VL):
+                                    s[r * G + g, j8 * _VL + v] = T.float32(cap) * T.tanh(red[v] * T.float32(qscale / cap))
+                            else:
+                                s[r * G + g, T.ramp(j8 * _VL, 1, _VL)] = lane_sums(acc8, g)
+                    # the last NK % 8 keys one at a time
+                    for jj in T.serial(ix[_NK] // _VL * _VL, ix[_NK]):
                         for g in T.unroll(G):
                             for v in T.vectorized(_VL):
                                 acc[g, v] = T.float32(0)
