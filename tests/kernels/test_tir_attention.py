@@ -18,26 +18,32 @@ ORDER = ("x_q", "x_k", "x_v", "past_k", "past_v", "seqlens_k", "cos", "sin", "qu
 
 
 def _ort_session(Hq: int, Hkv: int, D: int, scale: float | None, softcap: float, interleaved: bool,
-                 packed: bool = False):
+                 packed: bool = False, int8: bool = False):
     f32, i32 = TensorProto.FLOAT, TensorProto.INT32
+    kv = TensorProto.INT8 if int8 else f32
     vi = helper.make_tensor_value_info
     qkv = ([vi("x_qkv", f32, ["B", "S", (Hq + 2 * Hkv) * D])] if packed else
            [vi("x_q", f32, ["B", "S", Hq * D]), vi("x_k", f32, ["B", "S", Hkv * D]), vi("x_v", f32, ["B", "S", Hkv * D])])
     inputs = qkv + [
-              vi("past_k", f32, ["B", Hkv, "C", D]), vi("past_v", f32, ["B", Hkv, "C", D]), vi("seqlens_k", i32, ["B"]),
+              vi("past_k", kv, ["B", Hkv, "C", D]), vi("past_v", kv, ["B", Hkv, "C", D]), vi("seqlens_k", i32, ["B"]),
               vi("total", i32, []), vi("cos", f32, ["L", D // 2]), vi("sin", f32, ["L", D // 2]),
               vi("query_seqlens", i32, ["B"])]
     names = [v.name for v in inputs[:-1]] + [""] * 7 + ["query_seqlens"]
     if packed:
         names = names[:1] + ["", ""] + names[1:]
+    if int8:  # per (kv head, channel) scales are inputs 12 and 13
+        inputs += [vi("k_scale", f32, [1, Hkv, 1, D]), vi("v_scale", f32, [1, Hkv, 1, D])]
+        names[12:14] = ["k_scale", "v_scale"]
     attrs = {"num_heads": Hq, "kv_num_heads": Hkv, "do_rotary": 1, "rotary_interleaved": int(interleaved)}
     if scale is not None:
         attrs["scale"] = scale
     if softcap:
         attrs["softcap"] = softcap
+    if int8:
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=8)
     node = helper.make_node("GroupQueryAttention", names, ["y", "present_k", "present_v"], domain="com.microsoft", **attrs)
-    outputs = [vi("y", f32, ["B", "S", Hq * D]), vi("present_k", f32, ["B", Hkv, "C", D]),
-               vi("present_v", f32, ["B", Hkv, "C", D])]
+    outputs = [vi("y", f32, ["B", "S", Hq * D]), vi("present_k", kv, ["B", Hkv, "C", D]),
+               vi("present_v", kv, ["B", Hkv, "C", D])]
     model = helper.make_model(helper.make_graph([node], "gqa", inputs, outputs),
                               opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft", 1)])
     so = ort.SessionOptions()
@@ -45,12 +51,23 @@ def _ort_session(Hq: int, Hkv: int, D: int, scale: float | None, softcap: float,
     return ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
 
 
-def _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, seed=0):
+def _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, seed=0, int8=False):
     rng = np.random.default_rng(seed)
     rand = lambda *shape: rng.standard_normal(shape).astype(np.float32)
     B = len(seqlens_k)
     L = capacity + 3
     angles = rng.uniform(0, 2 * np.pi, (L, D // 2))
+    if int8:  # scales that saturate some new entries (|x| / scale > 127 for |x| > 2.5 at scale 0.02)
+        codes = lambda *shape: rng.integers(-128, 128, shape, dtype=np.int8)
+        return {
+            "x_q": rand(B, S, Hq * D), "x_k": rand(B, S, Hkv * D), "x_v": rand(B, S, Hkv * D),
+            "past_k": codes(B, Hkv, capacity, D), "past_v": codes(B, Hkv, capacity, D),
+            "seqlens_k": np.asarray(seqlens_k, np.int32), "total": np.array(max(seqlens_k) + 1, np.int32),
+            "cos": np.cos(angles).astype(np.float32), "sin": np.sin(angles).astype(np.float32),
+            "k_scale": rng.uniform(0.02, 0.05, (1, Hkv, 1, D)).astype(np.float32),
+            "v_scale": rng.uniform(0.02, 0.05, (1, Hkv, 1, D)).astype(np.float32),
+            "query_seqlens": np.asarray(query_seqlens, np.int32),
+        }
     return {
         "x_q": rand(B, S, Hq * D), "x_k": rand(B, S, Hkv * D), "x_v": rand(B, S, Hkv * D),
         "past_k": rand(B, Hkv, capacity, D), "past_v": rand(B, Hkv, capacity, D),
@@ -81,28 +98,35 @@ def _run_ort(session, feeds):
 
 
 def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False, split_tasks=16):
+    int8 = "k_scale" in feeds
     func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
-                         split_tasks=split_tasks)
+                         split_tasks=split_tasks, kv_dtype="int8" if int8 else "float32")
     kernel = tvm.compile(func, target=TARGET)["main"]
     B, S, _ = feeds["x_q"].shape
     order = ("x_qkv",) + ORDER[3:] if packed else ORDER
+    if int8:  # the scales follow sin
+        order = order[:-1] + ("k_scale", "v_scale", order[-1])
     inputs = _packed(feeds) if packed else feeds
     args = [tvm.runtime.tensor(inputs[k]) for k in order] + [tvm.runtime.tensor(np.full((B, S, Hq * D), np.nan, np.float32))]
     kernel(*args)
-    caches = len(order) - 6
+    caches = 1 if packed else 3
     return args[-1].numpy(), args[caches].numpy(), args[caches + 1].numpy()
 
 
 def _check(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, *, scale=None, softcap=0.0, interleaved=False,
-           packed=False, split_tasks=16):
-    feeds = _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens)
-    session = _ort_session(Hq, Hkv, D, scale, softcap, interleaved, packed)
+           packed=False, split_tasks=16, int8=False):
+    feeds = _inputs(Hq, Hkv, D, S, capacity, seqlens_k, query_seqlens, int8=int8)
+    session = _ort_session(Hq, Hkv, D, scale, softcap, interleaved, packed, int8)
     y_ref, k_ref, v_ref = _run_ort(session, _packed(feeds) if packed else feeds)
     y, k, v = _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed, split_tasks)
     for b, n in enumerate(query_seqlens):
         np.testing.assert_allclose(y[b, :n], y_ref[b, :n], rtol=1e-5, atol=1e-5, err_msg=f"output row {b}")
         np.testing.assert_array_equal(y[b, n:], 0, err_msg=f"padding rows of row {b} (idle: all) are zeros")
-    np.testing.assert_allclose(k, k_ref, rtol=1e-5, atol=1e-5, err_msg="key cache")
+    if int8:  # the codes of the rotated k: one code apart where x / scale lands within rounding of a .5
+        diff = np.abs(k.astype(np.int32) - k_ref.astype(np.int32))
+        assert diff.max() <= 1 and np.count_nonzero(diff) <= 2, "key cache codes"
+    else:
+        np.testing.assert_allclose(k, k_ref, rtol=1e-5, atol=1e-5, err_msg="key cache")
     np.testing.assert_array_equal(v, v_ref, err_msg="value cache")
     return feeds, k, v
 
@@ -161,7 +185,20 @@ def test_unsupported_shapes_are_refused():
         gqa_prim_func(9, 2, 64, scale=None, softcap=0.0, interleaved=False)
     with pytest.raises(ValueError, match="head_dim"):
         gqa_prim_func(4, 2, 24, scale=None, softcap=0.0, interleaved=False)
-    with pytest.raises(NotImplementedError, match="int8"):
-        gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, kv_dtype="int8")
+    with pytest.raises(ValueError, match="float32 or int8, got 'float16'"):
+        gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, kv_dtype="float16")
     with pytest.raises(ValueError, match="split_tasks"):
         gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, split_tasks=0)
+
+
+@pytest.mark.parametrize(("S", "seqlens_k", "query_seqlens", "split_tasks", "packed"), [
+    (1, [9, 20, 40], [1, 0, 1], 16, False),  # decode, an idle row, split keys
+    (1, [300], [1], 4, True),  # decode, long context, packed QKV
+    (7, [4, 36], [5, 7], 16, False),  # prefill chunks (right padding, a past)
+])
+def test_int8_cache(S, seqlens_k, query_seqlens, split_tasks, packed):
+    # BindKVCachePass kv_dtype="int8": per (kv head, channel) scales; new entries saturate at [-128, 127]
+    feeds, k, v = _check(4, 2, 64, S, 320, seqlens_k, query_seqlens, split_tasks=split_tasks, packed=packed,
+                         int8=True)
+    assert k.dtype == v.dtype == np.int8
+    assert (np.abs(v.astype(np.int32)) >= 127).any(), "some new V entries saturate"

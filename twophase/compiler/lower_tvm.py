@@ -345,6 +345,11 @@ def attention_split_tasks() -> int:
     return 2 * max(1, cores)
 
 
+def _text(value) -> str:
+    """A string attribute as the ONNX importer hands it over (str or bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _gqa_converter(frontend, kernels: dict):
     from tvm import relax
 
@@ -353,13 +358,21 @@ def _gqa_converter(frontend, kernels: dict):
     class GroupQueryAttention(frontend.OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            if attr.get("kv_cache_bit_width") or attr.get("k_quant_type") not in (None, "NONE", b"NONE"):
-                raise UnsupportedModelError("the TVM backend has no int8 KV cache; compile with --kv-dtype float32")
+            quant = {_text(attr.get(f"{kv}_quant_type", "NONE")) for kv in ("k", "v")}
+            int8 = quant == {"PER_CHANNEL"} and int(attr.get("kv_cache_bit_width", 8)) == 8
+            if quant != {"NONE"} and not int8:
+                raise UnsupportedModelError(
+                    f"the TVM attention kernel takes a float32 cache or an int8 one with per-channel scales "
+                    f"(BindKVCachePass's), not k/v quant types {sorted(quant)} at {attr.get('kv_cache_bit_width')} bits"
+                )
             if not attr.get("do_rotary", 0):
                 raise UnsupportedModelError("the TVM attention kernel expects the rotary embedding inside (do_rotary=1)")
             inputs = [None if v is None else bb.normalize(v) for v in inputs]
             q, k, v, past_k, past_v, seqlens_k, _total, cos, sin = inputs[:9]
             query_seqlens = inputs[16] if len(inputs) > 16 else None
+            scales = [inputs[12], inputs[13]] if int8 else []
+            if int8 and (any(x is None for x in scales) or past_k.ty.dtype != "int8"):
+                raise UnsupportedModelError("an int8 KV cache needs int8 cache buffers and k_scale / v_scale inputs")
             packed = k is None and v is None  # packed QKV (PackProjectionsPass)
             if (k is None) != (v is None) or query_seqlens is None:
                 raise UnsupportedModelError(
@@ -372,17 +385,20 @@ def _gqa_converter(frontend, kernels: dict):
             softcap = float(attr.get("softcap", 0.0) or 0.0)
             interleaved = bool(attr.get("rotary_interleaved", 0))
             split = attention_split_tasks()
-            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed, split)
+            kv_dtype = "int8" if int8 else "float32"
+            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed, split, kv_dtype)
             name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "") + ("_qkv" if packed else "")
+            name += "_kv8" if int8 else ""
             gv = _kernel(bb, kernels, key, name, lambda: gqa_prim_func(
                 heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
-                split_tasks=split))
+                split_tasks=split, kv_dtype=kv_dtype))
             B, S = q.ty.shape.values[:2]
             out_sinfo = [relax.TensorType([B, S, heads * head_dim], "float32"), past_k.ty, past_v.ty]
             qkv = [q] if packed else [q, k, v]
             caches = len(qkv)
             return bb.emit(relax.call_tir_inplace(
-                gv, [*qkv, past_k, past_v, seqlens_k, cos, sin, query_seqlens], [-1, caches, caches + 1], out_sinfo
+                gv, [*qkv, past_k, past_v, seqlens_k, cos, sin, *scales, query_seqlens], [-1, caches, caches + 1],
+                out_sinfo
             ))
 
     return GroupQueryAttention

@@ -258,8 +258,6 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
             "the TVM backend needs the bound KV cache (its attention kernel writes the preallocated buffers), "
             "and this model's attention does not match BindKVCachePass"
         )
-    if options.kv_dtype is not KVDtype.FLOAT32:
-        raise UnsupportedModelError("the TVM backend has no int8 KV cache; use --kv-dtype float32")
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
     if po.scheme is QuantScheme.W8A8:
         # as for ORT: the lm_head (one position in prefill) is left to the weight-only step below
@@ -270,7 +268,10 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     # accuracy_level 4: int8-activation GEMV for few rows; from the weights' options, as the ORT target's
     # level (for w8a8 prefill: the decode phase's, which quantized the lm_head)
     level = weight_po.accuracy_level if weight_po is not None else 0
-    steps += [BindKVCachePass(options.max_len), FuseTVMKernelsPass(level)]
+    int8 = options.kv_dtype is KVDtype.INT8
+    steps += [lambda m: BindKVCachePass(options.max_len, kv_dtype=options.kv_dtype.value,
+                                        kv_scales=calibration.kv_scales() if int8 else None),
+              FuseTVMKernelsPass(level)]
     if options.fusions:
         from twophase.passes.fuse_tvm_elementwise import FuseTVMElementwisePass
         from twophase.passes.pack_projections import PackProjectionsPass

@@ -1,6 +1,6 @@
 """GroupQueryAttention over a bound KV cache for the TVM backend: rotary, cache append and causal attention.
 
-The TIR form of the com.microsoft.GroupQueryAttention node that BindKVCachePass emits (float32 cache):
+The TIR form of the com.microsoft.GroupQueryAttention node that BindKVCachePass emits (float32 or int8 cache):
 
     x_q [B, S, Hq*D], x_k / x_v [B, S, Hkv*D]      this step's projections (S axis right-padded)
     cache_k / cache_v [B, Hkv, C, D]                past AND present: the new positions are written in place
@@ -12,6 +12,11 @@ The TIR form of the com.microsoft.GroupQueryAttention node that BindKVCachePass 
     past = seqlens_k[b] + 1 - query_seqlens[b];  new token i of row b sits at position p = past + i
     cache_k[b, h, p] = rot(k[b, i, h], p);  cache_v[b, h, p] = v[b, i, h]
     out[b, i, hq] = softmax_j(cap(scale * rot(q[b, i, hq], p) . cache_k[b, hq // G, j])) @ cache_v[.., j],  j <= p
+
+With an int8 cache (`kv_dtype="int8"`, BindKVCachePass's per (kv head, channel) scales k_scale / v_scale
+[1, Hkv, 1, D], inputs after sin) the cache holds round_half_even(x / scale) saturated to [-128, 127], as ORT's
+kernel stores it (k after the rotation); reads use q . (k_scale * codes) = (q * k_scale) . codes (q is scaled once
+per task) and p @ (v_scale * codes) = (p @ codes) * v_scale (once per output row).
 
 rot is the half-split (x1*cos - x2*sin, x2*cos + x1*sin) or, with `interleaved`, the pairwise rotation
 (ORT's rotary_interleaved); cap(s) = softcap * tanh(s / softcap) when softcap != 0; G = Hq / Hkv.
@@ -68,12 +73,13 @@ def gqa_prim_func(
     `split_tasks`: fewer (query block, row, kv head) tasks than this get their key ranges split (module doc).
 
     `rotary=False` skips the rotation (GroupQueryAttention with do_rotary=0; cos / sin are then unread).
-    Only a float32 cache: the int8 variant (BindKVCachePass kv_dtype="int8") raises NotImplementedError.
+    `kv_dtype="int8"` (BindKVCachePass's int8 cache): k_scale / v_scale [1, Hkv, 1, D] follow sin (module doc).
     """
     from tvm.script import tirx as T
 
-    if kv_dtype != "float32":
-        raise NotImplementedError(f"GroupQueryAttention over a {kv_dtype} KV cache has no TIR kernel (only float32)")
+    if kv_dtype not in ("float32", "int8"):
+        raise ValueError(f"GroupQueryAttention: the KV cache is float32 or int8, got {kv_dtype!r}")
+    int8 = kv_dtype == "int8"
 
     Hq, Hkv, D = num_heads, kv_num_heads, head_dim
     if Hq % Hkv:
@@ -113,8 +119,24 @@ def gqa_prim_func(
             level = [T.Shuffle([a, b], _EVEN) + T.Shuffle([a, b], _ODD) for a, b in zip(level[::2], level[1::2])]
         return level[0]
 
+    def cached(CACHE, b, h, j, d):
+        # a cache element as float32; an int8 cache's scale is applied outside (module doc)
+        return T.Cast("float32", CACHE[b, h, j, d]) if int8 else CACHE[b, h, j, d]
+
+    def stored(x, SCALE, h, d):
+        # x as the cache holds it: int8 codes round_half_even(x / scale) saturated to [-128, 127] (as ORT's kernel)
+        if not int8:
+            return x
+        return T.Cast("int8", T.max(T.min(T.nearbyint(x / SCALE[0, h, 0, d]), T.float32(127)), T.float32(-128)))
+
+    def k_scaled(x, KS, h, d):  # q . dequant(k) = (q * k_scale) . codes
+        return x * KS[0, h, 0, d] if int8 else x
+
+    def v_scaled(x, VS, h, d):  # p @ dequant(v) = (p @ codes) * v_scale
+        return x * VS[0, h, 0, d] if int8 else x
+
     @T.macro
-    def task_body(XQ, KC, VC, COS, SIN, OUT, part_o, part_ml, ix, t, h, NS, BQ, R):
+    def task_body(XQ, KC, VC, KS, VS, COS, SIN, OUT, part_o, part_ml, ix, t, h, NS, BQ, R):
         # one task: query rows ix[_I0] .. + ix[_NR] of row ix[_B] against kv head h, key blocks ix[_KB0] .. ix[_KB1]
         qs = T.alloc_buffer((R, D), "float32", scope="global")
         acc_o = T.alloc_buffer((R, D), "float32", scope="global")
@@ -130,7 +152,7 @@ def gqa_prim_func(
             for g in T.serial(G):
                 rotate(XQ, ix[_B], ix[_I0] + r, (h * G + g) * D, ix[_PAST] + ix[_I0] + r, red_d, COS, SIN)
                 for d in T.vectorized(D):
-                    qs[r * G + g, d] = red_d[d] * T.float32(pre)
+                    qs[r * G + g, d] = k_scaled(red_d[d] * T.float32(pre), KS, h, d)
                     acc_o[r * G + g, d] = T.float32(0)
                 m[r * G + g] = T.float32(_NEG)
                 l[r * G + g] = T.float32(0)
@@ -152,8 +174,8 @@ def gqa_prim_func(
                             for d0 in T.unroll(ND):
                                 for g in T.unroll(G):
                                     for v in T.vectorized(_VL):
-                                        acc8[g, jj, v] = acc8[g, jj, v] + qs[r * G + g, d0 * _VL + v] * KC[
-                                            ix[_B], h, ix[_J0] + j8 * _VL + jj, d0 * _VL + v]
+                                        acc8[g, jj, v] = acc8[g, jj, v] + qs[r * G + g, d0 * _VL + v] * cached(
+                                            KC, ix[_B], h, ix[_J0] + j8 * _VL + jj, d0 * _VL + v)
                         for g in T.unroll(G):
                             if use_cap:
                                 red[T.ramp(0, 1, _VL)] = lane_sums(acc8, g)
@@ -169,7 +191,7 @@ def gqa_prim_func(
                         for d0 in T.unroll(ND):
                             for g in T.unroll(G):
                                 for v in T.vectorized(_VL):
-                                    acc[g, v] = acc[g, v] + qs[r * G + g, d0 * _VL + v] * KC[ix[_B], h, ix[_J0] + jj, d0 * _VL + v]
+                                    acc[g, v] = acc[g, v] + qs[r * G + g, d0 * _VL + v] * cached(KC, ix[_B], h, ix[_J0] + jj, d0 * _VL + v)
                         for g in T.unroll(G):
                             sc[0] = T.float32(0)
                             for v in T.unroll(_VL):
@@ -206,13 +228,13 @@ def gqa_prim_func(
                     for jj in T.serial(ix[_NK]):
                         for g in T.unroll(G):
                             for d in T.vectorized(D):
-                                acc_o[r * G + g, d] = acc_o[r * G + g, d] + s[r * G + g, jj] * VC[ix[_B], h, ix[_J0] + jj, d]
+                                acc_o[r * G + g, d] = acc_o[r * G + g, d] + s[r * G + g, jj] * cached(VC, ix[_B], h, ix[_J0] + jj, d)
         if NS == 1:
             for r in T.serial(ix[_NR]):
                 for g in T.serial(G):
                     sc[3] = T.float32(1) / l[r * G + g]
                     for d in T.vectorized(D):
-                        OUT[ix[_B], ix[_I0] + r, (h * G + g) * D + d] = acc_o[r * G + g, d] * sc[3]
+                        OUT[ix[_B], ix[_I0] + r, (h * G + g) * D + d] = v_scaled(acc_o[r * G + g, d] * sc[3], VS, h, d)
         else:
             for rg in T.serial(ix[_NR] * G):
                 part_ml[t, rg, 0] = m[rg]
@@ -221,7 +243,7 @@ def gqa_prim_func(
                     part_o[t, rg, d] = acc_o[rg, d]
 
     @T.macro
-    def attend(XQ, XK, XV, KO, VO, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L, BQ, R):
+    def attend(XQ, XK, XV, KO, VO, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L, BQ, R):
         # XK / XV hold this step's K / V from column KO / VO (packed QKV: all three are the same buffer).
         # BQ: query rows per task (1 for decode: every scratch buffer then fits the stack); R = BQ * G.
         # Scalars are T.Bind (immutable, outside the parallel loop) or elements of small stack arrays (ix, sc):
@@ -241,8 +263,8 @@ def gqa_prim_func(
                     for h in T.serial(Hkv):
                         rotate(XK, b, i, KO + h * D, p, kr, COS, SIN)
                         for d in T.vectorized(D):
-                            KC[b, h, p, d] = kr[d]
-                            VC[b, h, p, d] = XV[b, i, VO + h * D + d]
+                            KC[b, h, p, d] = stored(kr[d], KS, h, d)
+                            VC[b, h, p, d] = stored(XV[b, i, VO + h * D + d], VS, h, d)
         # 2. attention; tasks ordered (query block, b, kv head), the query blocks zigzagged so that a
         #    contiguous range of tasks (one thread's share) mixes short and long causal blocks. With
         #    fewer than split_tasks tasks (decode, small batch) each task's keys are split NS ways and the
@@ -267,7 +289,7 @@ def gqa_prim_func(
             ix[_KB0] = t % NS * ix[_CHUNK] // _BK
             ix[_KB1] = T.min(ix[_KB0] + ix[_CHUNK] // _BK, (ix[_KEND] + _BK - 1) // _BK)
             if ix[_NR] > T.int64(0) and ix[_PAST] >= T.int64(0) and ix[_KEND] <= T.min(C, L):
-                task_body(XQ, KC, VC, COS, SIN, OUT, part_o, part_ml, ix, t, t // NS % Hkv, NS, BQ, R)
+                task_body(XQ, KC, VC, KS, VS, COS, SIN, OUT, part_o, part_ml, ix, t, t // NS % Hkv, NS, BQ, R)
         # 3. merge the NS partial states of each split task: weights exp(m_j - max_j m_j)
         if NS > 1:
             mo = T.alloc_buffer((D,), "float32", scope="global")
@@ -294,16 +316,38 @@ def gqa_prim_func(
                             for d in T.vectorized(D):
                                 mo[d] = mo[d] + w * part_o[task * NS + j, rg, d]
                         for d in T.vectorized(D):
-                            OUT[b, qb * BQ + rg // G, (h * G + rg % G) * D + d] = mo[d] / sm[1]
+                            OUT[b, qb * BQ + rg // G, (h * G + rg % G) * D + d] = v_scaled(mo[d] / sm[1], VS, h, d)
 
     @T.macro
-    def attend_any(XQ, XK, XV, KO, VO, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L):
+    def attend_any(XQ, XK, XV, KO, VO, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L):
         if S == 1:  # decode: one query row per task
-            attend(XQ, XK, XV, KO, VO, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L, 1, G)
+            attend(XQ, XK, XV, KO, VO, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L, 1, G)
         else:
-            attend(XQ, XK, XV, KO, VO, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L, _BQ, _BQ * G)
+            attend(XQ, XK, XV, KO, VO, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L, _BQ, _BQ * G)
 
-    if packed:
+    if packed and int8:
+
+        @T.prim_func
+        def gqa(xqkv: T.handle, ck: T.handle, cv: T.handle, sk: T.handle, cs: T.handle, sn: T.handle, kss: T.handle,
+                vss: T.handle, ql: T.handle, o: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            B = T.int64()
+            S = T.int64()
+            C = T.int64()
+            L = T.int64()
+            QKV = T.match_buffer(xqkv, (B, S, (Hq + 2 * Hkv) * D), "float32")
+            KC = T.match_buffer(ck, (B, Hkv, C, D), "int8")
+            VC = T.match_buffer(cv, (B, Hkv, C, D), "int8")
+            SK = T.match_buffer(sk, (B,), "int32")
+            COS = T.match_buffer(cs, (L, H2), "float32")
+            SIN = T.match_buffer(sn, (L, H2), "float32")
+            KS = T.match_buffer(kss, (1, Hkv, 1, D), "float32")
+            VS = T.match_buffer(vss, (1, Hkv, 1, D), "float32")
+            QL = T.match_buffer(ql, (B,), "int32")
+            OUT = T.match_buffer(o, (B, S, Hq * D), "float32")
+            attend_any(QKV, QKV, QKV, Hq * D, (Hq + Hkv) * D, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L)
+
+    elif packed:
 
         @T.prim_func
         def gqa(xqkv: T.handle, ck: T.handle, cv: T.handle, sk: T.handle, cs: T.handle, sn: T.handle, ql: T.handle,
@@ -321,7 +365,31 @@ def gqa_prim_func(
             SIN = T.match_buffer(sn, (L, H2), "float32")
             QL = T.match_buffer(ql, (B,), "int32")
             OUT = T.match_buffer(o, (B, S, Hq * D), "float32")
-            attend_any(QKV, QKV, QKV, Hq * D, (Hq + Hkv) * D, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L)
+            attend_any(QKV, QKV, QKV, Hq * D, (Hq + Hkv) * D, KC, VC, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L)
+
+    elif int8:
+
+        @T.prim_func
+        def gqa(xq: T.handle, xk: T.handle, xv: T.handle, ck: T.handle, cv: T.handle, sk: T.handle,
+                cs: T.handle, sn: T.handle, kss: T.handle, vss: T.handle, ql: T.handle, o: T.handle):
+            T.func_attr({"tir.noalias": True, "tir.is_scheduled": True, "op_pattern": 8})
+            B = T.int64()
+            S = T.int64()
+            C = T.int64()
+            L = T.int64()
+            XQ = T.match_buffer(xq, (B, S, Hq * D), "float32")
+            XK = T.match_buffer(xk, (B, S, Hkv * D), "float32")
+            XV = T.match_buffer(xv, (B, S, Hkv * D), "float32")
+            KC = T.match_buffer(ck, (B, Hkv, C, D), "int8")
+            VC = T.match_buffer(cv, (B, Hkv, C, D), "int8")
+            SK = T.match_buffer(sk, (B,), "int32")
+            COS = T.match_buffer(cs, (L, H2), "float32")
+            SIN = T.match_buffer(sn, (L, H2), "float32")
+            KS = T.match_buffer(kss, (1, Hkv, 1, D), "float32")
+            VS = T.match_buffer(vss, (1, Hkv, 1, D), "float32")
+            QL = T.match_buffer(ql, (B,), "int32")
+            OUT = T.match_buffer(o, (B, S, Hq * D), "float32")
+            attend_any(XQ, XK, XV, 0, 0, KC, VC, KS, VS, SK, COS, SIN, QL, OUT, B, S, C, L)
 
     else:
 
@@ -343,6 +411,6 @@ def gqa_prim_func(
             SIN = T.match_buffer(sn, (L, H2), "float32")
             QL = T.match_buffer(ql, (B,), "int32")
             OUT = T.match_buffer(o, (B, S, Hq * D), "float32")
-            attend_any(XQ, XK, XV, 0, 0, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L)
+            attend_any(XQ, XK, XV, 0, 0, KC, VC, KC, VC, SK, COS, SIN, QL, OUT, B, S, C, L)
 
     return gqa
