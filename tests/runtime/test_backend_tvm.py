@@ -55,17 +55,20 @@ def test_artifact_layout(artifacts):
     assert {e["offset"] for e in idx[0]} == {e["offset"] for e in idx[1]}
 
 
-def test_logits_match_ort(engines):
-    """A left-padded batch of 2 prefilled in chunks of 4, then 5 decode steps: TVM's logits == ORT's."""
+def _chunked_logits(engine: Engine, decode_steps: int) -> np.ndarray:
+    """A left-padded batch of 2 prefilled in chunks of 4, then `decode_steps` decode steps: stacked logits."""
     ids = np.array([[1, 5, 9, 33, 12, 7, 8, 40, 41], [0, 0, 0, 1, 50, 60, 7, 3, 2]])
     mask = (np.arange(9)[None] >= np.array([[0], [3]])).astype(np.int64)
-    res = {}
-    for name, e in engines.items():
-        e.prefill_chunk = 4
-        out = [e.prefill(ids, mask, reserve=8)]
-        for t in range(5):
-            out.append(e.decode_one_token(np.array([3 + t, 20 + t])))
-        res[name] = np.stack(out)
+    engine.prefill_chunk = 4
+    out = [engine.prefill(ids, mask, reserve=8)]
+    for t in range(decode_steps):
+        out.append(engine.decode_one_token(np.array([3 + t, 20 + t])))
+    return np.stack(out)
+
+
+def test_logits_match_ort(engines):
+    """_chunked_logits with 5 decode steps: TVM's logits == ORT's."""
+    res = {name: _chunked_logits(e, 5) for name, e in engines.items()}
     np.testing.assert_allclose(res["tvm"], res["ort"], rtol=0, atol=2e-4 * np.abs(res["ort"]).max())
 
 
@@ -103,15 +106,7 @@ def test_w8a8_prefill_matches_ort(tiny_hf_dir, tmp_path: Path):
     assert manifest["phases"]["prefill"]["scheme"] == "w8a8"
     report = json.loads((tmp_path / "tvm" / "report.json").read_text())
     assert "FuseTVMKernelsPass" in json.dumps(report) and "QMatMulA8" in json.dumps(report)
-    ids = np.array([[1, 5, 9, 33, 12, 7, 8, 40, 41], [0, 0, 0, 1, 50, 60, 7, 3, 2]])
-    mask = (np.arange(9)[None] >= np.array([[0], [3]])).astype(np.int64)
-    res = {}
-    for name, e in engines.items():
-        e.prefill_chunk = 4
-        out = [e.prefill(ids, mask, reserve=8)]
-        for t in range(3):
-            out.append(e.decode_one_token(np.array([3 + t, 20 + t])))
-        res[name] = np.stack(out)
+    res = {name: _chunked_logits(e, 3) for name, e in engines.items()}
     np.testing.assert_allclose(res["tvm"], res["ort"], rtol=0, atol=1e-5 * np.abs(res["ort"]).max())
 
 
@@ -126,15 +121,9 @@ def test_int8_kv_cache_matches_ort(tiny_hf_dir, tmp_path: Path):
                for b, o in options.items()}
     manifest = json.loads((tmp_path / "tvm" / "manifest.json").read_text())
     assert manifest["kv_cache"]["dtype"] == "int8"
-    ids = np.array([[1, 5, 9, 33, 12, 7, 8, 40, 41], [0, 0, 0, 1, 50, 60, 7, 3, 2]])
-    mask = (np.arange(9)[None] >= np.array([[0], [3]])).astype(np.int64)
     res, caches = {}, {}
     for name, e in engines.items():
-        e.prefill_chunk = 4
-        out = [e.prefill(ids, mask, reserve=8)]
-        for t in range(5):
-            out.append(e.decode_one_token(np.array([3 + t, 20 + t])))
-        res[name] = np.stack(out)
+        res[name] = _chunked_logits(e, 5)
         caches[name] = [a.copy() for a in e.cache.arrays()]
     np.testing.assert_allclose(res["tvm"], res["ort"], rtol=0, atol=2e-4 * np.abs(res["ort"]).max())
     for a, b in zip(caches["tvm"], caches["ort"]):
