@@ -180,7 +180,8 @@ def gqa_prim_func(
                             if use_cap:
                                 red[T.ramp(0, 1, _VL)] = lane_sums(acc8, g)
                                 for v in T.serial(_VL):
-                                    s[r * G + g, j8 * _VL + v] = T.float32(cap) * T.tanh(red[v] * T.float32(qscale / cap))
+                                    s[r * G + g, j8 * _VL + v] = T.float32(cap) * T.tanh(
+                                        red[v] * T.float32(qscale / cap))
                             else:
                                 s[r * G + g, T.ramp(j8 * _VL, 1, _VL)] = lane_sums(acc8, g)
                     # the last NK % 8 keys one at a time
@@ -191,7 +192,8 @@ def gqa_prim_func(
                         for d0 in T.unroll(ND):
                             for g in T.unroll(G):
                                 for v in T.vectorized(_VL):
-                                    acc[g, v] = acc[g, v] + qs[r * G + g, d0 * _VL + v] * cached(KC, ix[_B], h, ix[_J0] + jj, d0 * _VL + v)
+                                    acc[g, v] = acc[g, v] + qs[r * G + g, d0 * _VL + v] * cached(
+                                        KC, ix[_B], h, ix[_J0] + jj, d0 * _VL + v)
                         for g in T.unroll(G):
                             sc[0] = T.float32(0)
                             for v in T.unroll(_VL):
@@ -228,7 +230,8 @@ def gqa_prim_func(
                     for jj in T.serial(ix[_NK]):
                         for g in T.unroll(G):
                             for d in T.vectorized(D):
-                                acc_o[r * G + g, d] = acc_o[r * G + g, d] + s[r * G + g, jj] * cached(VC, ix[_B], h, ix[_J0] + jj, d)
+                                acc_o[r * G + g, d] = acc_o[r * G + g, d] + s[r * G + g, jj] * cached(
+                                    VC, ix[_B], h, ix[_J0] + jj, d)
         if NS == 1:
             for r in T.serial(ix[_NR]):
                 for g in T.serial(G):
