@@ -279,3 +279,24 @@ def test_level4_decode_matches_ort_matmulnbits(canonical_onnx, tmp_path: Path, s
         assert near.mean() >= 0.99, f"{name}: {near.mean():.4f} of elements within {tol_ort} of ORT level 4"
         np.testing.assert_allclose(a, b4, rtol=0, atol=10 * tol_ort * scale, err_msg=f"{name} vs ORT level 4")
         np.testing.assert_allclose(a, bf, rtol=0, atol=tol_qdq * scale, err_msg=f"{name} vs QDQ float")
+
+
+@pytest.mark.parametrize(("attr", "value"), [("k_quant_type", "PER_TENSOR"), ("kv_cache_bit_width", 4)])
+def test_int8_cache_forms_it_cannot_run_are_refused(canonical_onnx, attr: str, value):
+    """The attention kernel runs BindKVCachePass's int8 cache (8-bit, per-channel K and V scales); another
+    quantized form (an imported graph's) is refused by name, not run with the wrong arithmetic."""
+    from twophase.compiler.errors import UnsupportedModelError
+    from twophase.compiler.lower_tvm import graph_for_import, import_relax
+    from twophase.passes.bind_kv_cache import match_layers
+
+    model = SplitPhasesPass(Phase.DECODE)(ir.load(canonical_onnx("gqa16"))).model
+    model = CleanupPass()(model).model
+    scales = {layer.index: (np.full((layer.kv_num_heads, layer.head_dim), 0.05, np.float32),) * 2
+              for layer in match_layers(model.graph)}
+    model = BindKVCachePass(MAX_LEN, kv_dtype="int8", kv_scales=scales)(model).model
+    model = FuseTVMKernelsPass()(model).model
+    gqa = next(n for n in model.graph if n.op_type == "GroupQueryAttention")
+    gqa.attributes[attr] = ir.AttrString(attr, value) if isinstance(value, str) else ir.AttrInt64(attr, value)
+    proto, _ = graph_for_import(model)
+    with pytest.raises(UnsupportedModelError, match=r"int8 one with per-channel scales.*not k/v quant types"):
+        import_relax(proto)

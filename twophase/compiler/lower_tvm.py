@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 import onnx_ir as ir
 
-from twophase.compiler.errors import PassError, UnsupportedModelError
+from twophase.compiler.errors import PassError, TwophaseError, UnsupportedModelError
 from twophase.compiler.lower_ort import WEIGHTS_FILE, WeightsStats, tensor_spec, write_blob
 from twophase.compiler.manifest import TensorSpec
 
@@ -167,6 +167,8 @@ def import_relax(proto, target: dict | None = None) -> object:
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
+        except TwophaseError:  # a twophase converter's own refusal names the problem already
+            raise
         except Exception as e:  # the importer raises bare TVM / Python errors
             raise PassError(f"TVM's ONNX importer refused the phase graph ({type(e).__name__}: {str(e)[:500]})") from e
 
@@ -289,6 +291,11 @@ def _qmatmul_converter(frontend, kernels: dict, isa):
     return QMatMul
 
 
+def _text(value) -> str:
+    """A string attribute as the ONNX importer hands it over (str or bytes)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def _qmatmul_a8_converter(frontend, kernels: dict, isa):
     from tvm import relax
 
@@ -297,7 +304,7 @@ def _qmatmul_a8_converter(frontend, kernels: dict, isa):
     class QMatMulA8(frontend.OnnxOpConverter):
         @classmethod
         def _impl_v1(cls, bb, inputs, attr, params):
-            act = attr["act"].decode() if isinstance(attr["act"], bytes) else str(attr["act"])
+            act = _text(attr["act"])
             spec = QMatMulA8Spec(int(attr["K"]), int(attr["N"]), ActQuant(act))
             x, codes, scale = inputs[0], inputs[1], inputs[2]
             extra = []
@@ -345,11 +352,6 @@ def attention_split_tasks() -> int:
     return 2 * max(1, cores)
 
 
-def _text(value) -> str:
-    """A string attribute as the ONNX importer hands it over (str or bytes)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _gqa_converter(frontend, kernels: dict):
     from tvm import relax
 
@@ -363,7 +365,8 @@ def _gqa_converter(frontend, kernels: dict):
             if quant != {"NONE"} and not int8:
                 raise UnsupportedModelError(
                     f"the TVM attention kernel takes a float32 cache or an int8 one with per-channel scales "
-                    f"(BindKVCachePass's), not k/v quant types {sorted(quant)} at {attr.get('kv_cache_bit_width')} bits"
+                    f"(BindKVCachePass's), not k/v quant types {sorted(quant)} at "
+                    f"{attr.get('kv_cache_bit_width')} bits"
                 )
             if not attr.get("do_rotary", 0):
                 raise UnsupportedModelError("the TVM attention kernel expects the rotary embedding inside (do_rotary=1)")

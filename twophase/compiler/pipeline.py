@@ -209,6 +209,19 @@ def _quantize_weights_step(weight_po: PhaseOptions, calibration: Calibration) ->
     return lambda m: QuantizeWeightsPass.from_options(weight_po, _weight_quantizer(weight_po, calibration))
 
 
+def _bind_kv_step(options: CompileOptions, calibration: Calibration) -> Step:
+    """BindKVCachePass at options.max_len with options.kv_dtype; an int8 cache's scales are calibrated when the
+    step runs (both targets bind the cache the same way)."""
+    from twophase.passes.bind_kv_cache import BindKVCachePass
+
+    if options.max_len is None:
+        raise UnsupportedModelError("a bound KV cache needs max_len (the driver resolves it)")
+    int8 = options.kv_dtype is KVDtype.INT8
+    return lambda m: BindKVCachePass(
+        options.max_len, kv_dtype=options.kv_dtype.value, kv_scales=calibration.kv_scales() if int8 else None
+    )
+
+
 def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     po = options.phase(phase)
     steps: list[Step] = [SplitPhasesPass(phase), CleanupPass()]
@@ -224,14 +237,7 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
 
         steps += [_quantize_weights_step(weight_po, calibration), FuseDequantMatMulPass(weight_po.accuracy_level)]
     if options.kv_binding is KVBinding.BOUND:
-        from twophase.passes.bind_kv_cache import BindKVCachePass
-
-        if options.max_len is None:
-            raise UnsupportedModelError("a bound KV cache needs max_len (the driver resolves it)")
-        int8 = options.kv_dtype is KVDtype.INT8
-        steps.append(lambda m: BindKVCachePass(
-            options.max_len, kv_dtype=options.kv_dtype.value, kv_scales=calibration.kv_scales() if int8 else None
-        ))
+        steps.append(_bind_kv_step(options, calibration))
     if options.fusions:
         from twophase.passes.fuse_skip_norm import FuseSkipNormPass
         from twophase.passes.pack_projections import PackProjectionsPass
@@ -244,7 +250,6 @@ def _ort_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
 
 def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibration) -> list[Step]:
     """The TVM target: weight-only QDQ, the bound KV cache, then twophase's own kernels (lower_tvm.py)."""
-    from twophase.passes.bind_kv_cache import BindKVCachePass
     from twophase.passes.fuse_tvm_kernels import FuseTVMKernelsPass
 
     po = options.phase(phase)
@@ -268,10 +273,7 @@ def _tvm_phase_passes(phase: Phase, options: CompileOptions, calibration: Calibr
     # accuracy_level 4: int8-activation GEMV for few rows; from the weights' options, as the ORT target's
     # level (for w8a8 prefill: the decode phase's, which quantized the lm_head)
     level = weight_po.accuracy_level if weight_po is not None else 0
-    int8 = options.kv_dtype is KVDtype.INT8
-    steps += [lambda m: BindKVCachePass(options.max_len, kv_dtype=options.kv_dtype.value,
-                                        kv_scales=calibration.kv_scales() if int8 else None),
-              FuseTVMKernelsPass(level)]
+    steps += [_bind_kv_step(options, calibration), FuseTVMKernelsPass(level)]
     if options.fusions:
         from twophase.passes.fuse_tvm_elementwise import FuseTVMElementwisePass
         from twophase.passes.pack_projections import PackProjectionsPass
