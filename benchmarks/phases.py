@@ -28,7 +28,9 @@ once per repetition, just before that repetition's runs (the machine's bandwidth
 neighbours), and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights
 once + the K/V of the mean context) and the fraction of bandwidth / bytes-per-token that the measured
 decode rate reaches: the median over repetitions of each repetition's decode rate against its own
-bandwidth. --batches measures decode throughput (tokens/s summed over the rows) of each twophase
+bandwidth, and the range of those per-repetition fractions (on a machine whose bandwidth swings between
+two levels within seconds, the range shows how much the median owes to which level each reading caught).
+--batches measures decode throughput (tokens/s summed over the rows) of each twophase
 artifact at those batch sizes (rows are different 128-token prompts).
 """
 
@@ -314,17 +316,18 @@ def main(argv: list[str] | None = None) -> int:
               f"cpu share {statistics.median(b[1] for b in bandwidths):.2f}); bytes per token = decode weights + K/V "
               f"of {context} positions. fraction = median over repetitions of measured / roofline at that "
               "repetition's bandwidth\n")
-        print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction |")
-        print("|---|---|---|---|---|---|")
+        print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction | per repetition |")
+        print("|---|---|---|---|---|---|---|")
         for r in runners:
             sizes = decode_graph_bytes(r)
             if sizes is None:
                 continue
             per_token = decode_bytes_per_token(sizes[0], sizes[1], context)
             runs = times[(r.name, "decode @128")]
-            fraction = statistics.median(t / roofline_tokens_per_s(per_token, g) for t, g in zip(runs, reads))
+            fractions = [t / roofline_tokens_per_s(per_token, g) for t, g in zip(runs, reads)]
             print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | "
-                  f"{roofline_tokens_per_s(per_token, read):.0f} | {statistics.median(runs):.1f} | {fraction:.0%} |")
+                  f"{roofline_tokens_per_s(per_token, read):.0f} | {statistics.median(runs):.1f} | "
+                  f"{statistics.median(fractions):.0%} | {min(fractions):.0%}-{max(fractions):.0%} |")
 
     if backends:
         print("\nBackends side by side (same run): TVM / ORT per scheme; decode = time per token at context 128 "

@@ -234,6 +234,21 @@ def test_failed_replay_falls_back_to_the_vm(artifacts, caplog, monkeypatch):
     np.testing.assert_array_equal(np.concatenate(out, axis=None), vm_logits[: sum(o.size for o in out)])
 
 
+def test_replayed_logits_belong_to_the_caller(artifacts):
+    """A replayed step returns its logits as a copy (they are read from the output tensor's memory, which the
+    next step overwrites): logits a caller keeps stay as they were."""
+    e = Engine.load(artifacts["tvm"], threads=2)
+    e.prefill(np.array([[1, 5, 9, 33]]), np.ones((1, 4), dtype=np.int64), reserve=4)
+    e.decode_one_token(np.array([3]))  # recorded on the VM
+    kept = e.decode_one_token(np.array([4]))  # replayed
+    before = kept.copy()
+    step = next(iter(e._decode_steps.values()))
+    assert step.replay is not None and not np.shares_memory(kept, step.replay.logits)
+    e.decode_one_token(np.array([5]))
+    np.testing.assert_array_equal(kept, before)
+    assert not np.array_equal(step.replay.logits[:, 0, :], before)  # the buffer did change under it
+
+
 def test_replay_plan_leaves_out_only_bookkeeping_builtins():
     import tvm_ffi
 

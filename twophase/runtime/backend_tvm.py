@@ -293,7 +293,7 @@ class TvmDecodeStep:
         if self.replay is not None:
             try:
                 self.replay.run()
-                return self.replay.output.numpy()[:, 0, :]
+                return self.replay.logits[:, 0, :].copy()
             except StepReplayError as e:  # the VM runs the step again and raises what the kernel raised
                 log.warning("%s; running this decode step on the Relax VM from now on", e)
                 self.replay = None
@@ -361,6 +361,9 @@ class StepReplay:
         args = template.args.copy()
         handles = np.array([a.__chandle__() for a in inputs], dtype=np.int64)
         args["v_int64"][template.holes] = handles[template.fills]
+        # the logits as numpy over the output tensor's memory; a step returns a copy. Tensor.numpy() took about
+        # 95 us per SmolLM2 step (49,152 logits) where this copy takes 25: 1.045x decode tok/s, paired
+        self.logits = np.from_dlpack(template.output)
         self._views = [inputs[i]._create_view(shape, dtype, offset) for _, i, shape, dtype, offset in template.views]
         for (slot, *_), view in zip(template.views, self._views):
             args["v_int64"][slot] = view.__chandle__()
