@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from twophase.compiler.driver import compile_model
-from twophase.compiler.errors import ArtifactError, TwophaseError, UnsupportedModelError
+from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError, UnsupportedModelError
 from twophase.compiler.options import Backend, CompileOptions, KVDtype, PhaseOptions, QuantScheme
 from twophase.runtime import backend_tvm
 from twophase.runtime.engine import Engine
@@ -247,6 +247,48 @@ def test_replayed_logits_belong_to_the_caller(artifacts):
     e.decode_one_token(np.array([5]))
     np.testing.assert_array_equal(kept, before)
     assert not np.array_equal(step.replay.logits[:, 0, :], before)  # the buffer did change under it
+
+
+def _logits_after(engine, prompt, tokens):
+    """The logits of the last of `tokens`, decoded one by one after `prompt`."""
+    engine.prefill(prompt, np.ones_like(prompt), reserve=4)
+    for t in tokens:
+        out = engine.decode_one_token(np.array([t]))
+    return out
+
+
+def test_one_row_steps_take_integers_and_match_the_vm(artifacts, monkeypatch):
+    """One-row decode steps after the first go through TvmDecodeStep.run_one, with no numpy bookkeeping: the
+    VM's logits bit for bit, across a cache that grows (64 -> 96 positions) and up to max_len, where the next
+    token is refused as before; a token outside the vocabulary is refused with the cache as it was."""
+    monkeypatch.setenv("TWOPHASE_TVM_REPLAY", "0")
+    vm = Engine.load(artifacts["tvm"], threads=2)
+    monkeypatch.delenv("TWOPHASE_TVM_REPLAY")
+    e = Engine.load(artifacts["tvm"], threads=2)
+    general = []
+    run = backend_tvm.TvmDecodeStep.run
+    monkeypatch.setattr(backend_tvm.TvmDecodeStep, "run", lambda self, *a: general.append(self) or run(self, *a))
+    prompt = np.array([[1, 5, 9, 33, 12]])
+    logits = {}
+    for name, engine in (("vm", vm), ("replay", e)):
+        out = [engine.prefill(prompt, np.ones_like(prompt))]
+        for t in range(96 - 5):
+            out.append(engine.decode_one_token(np.array([(7 * t) % 97])))
+        with pytest.raises(ContextLengthError, match="max_len is 96"):
+            engine.decode_one_token(np.array([3]))
+        assert engine.cache.length == 96
+        logits[name] = np.concatenate(out, axis=None)
+    np.testing.assert_array_equal(logits["replay"], logits["vm"])
+    general_replay = [s for s in general if s.phase is e.decode_phase]
+    assert len(general_replay) == 2  # the general path: the first step over each cache (64, then 96 positions)
+    e.prefill(prompt, np.ones_like(prompt), reserve=4)
+    e.decode_one_token(np.array([4]))
+    e.decode_one_token(np.array([4]))  # now through run_one
+    length = e.cache.length
+    with pytest.raises(TwophaseError, match=r"token ids must be in \[0, 97\), got 97\.\.97"):
+        e.decode_one_token(np.array([97]))
+    assert e.cache.length == length
+    np.testing.assert_array_equal(e.decode_one_token(np.array([5])), _logits_after(vm, prompt, [4, 4, 5]))
 
 
 def test_replay_plan_leaves_out_only_bookkeeping_builtins():

@@ -219,6 +219,8 @@ class Engine:
         if ids.shape[0] != cache.batch_size:
             raise TwophaseError(f"decode_one_token got {ids.shape[0]} tokens for a cache of batch {cache.batch_size}")
         if self.bound:
+            if active is None and ids.size == 1 and (logits := self._decode_one_row(int(ids[0, 0]))) is not None:
+                return logits
             cache.reserve(1)
             if self._decode_steps and next(iter(self._decode_steps.values())).version != cache.version:
                 self._decode_steps.clear()
@@ -251,6 +253,25 @@ class Engine:
         outs = self.decode_phase.run(feeds)
         cache.update(outs)
         return outs["logits"][:, -1, :]
+
+    def _decode_one_row(self, token: int) -> np.ndarray | None:
+        """decode_one_token for a one-row bound cache with room for the token, through a step that takes plain
+        integers (TvmDecodeStep.run_one); None where that does not apply (no such step yet, a new cache, a full
+        one, or the prefill graph serving single rows), leaving everything as it was."""
+        cache = self.cache
+        step = self._decode_steps.get((1, False))
+        run_one = getattr(step, "run_one", None)
+        if run_one is None or step.version != cache.version or cache.batch_size != 1:
+            return None
+        if self.prefill_graph_from_rows is not None and self.prefill_graph_from_rows <= 1:
+            return None
+        length = int(cache.lengths[0])
+        if length >= cache.capacity:
+            return None
+        logits = run_one(token, length + 1)
+        if logits is not None:
+            cache.lengths[0] = length + 1
+        return logits
 
     # --- the token loop -------------------------------------------------------------------------
 
