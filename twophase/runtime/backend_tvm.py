@@ -296,16 +296,16 @@ class TvmDecodeStep:
         """`run` for a one-row step whose replay is recorded, from Python integers: the token and the row's cache
         length after the step. Right after a step, whose weights have evicted the interpreter's code and data from
         every cache level, each numpy call costs 10-40 us; this path makes none before the replay (SmolLM2, 2
-        threads, paired: 1.024x decode tok/s). None where it does not apply (the caller then takes `run`)."""
-        if self.rows != 1 or self.replay is None:
+        threads, paired: 1.02-1.05x decode tok/s). None where it does not apply (the caller then takes `run`)."""
+        if self.rows != 1 or self.replay is None or length_after < 1:
             return None
         vocab = self.phase.vocab_size
         if isinstance(vocab, int) and not 0 <= token < vocab:
             raise TwophaseError(f"token ids must be in [0, {vocab}), got {token}..{token}")
         self.phase.calls += 1
         self.input_ids[0, 0] = token
-        self.seqlens_k[0] = max(length_after, 1) - 1
-        self.total[()] = max(length_after, 1)
+        self.seqlens_k[0] = length_after - 1
+        self.total[()] = length_after
         self.query_seqlens[0] = 1
         return self._execute()
 
