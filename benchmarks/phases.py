@@ -30,6 +30,9 @@ once + the K/V of the mean context) and the fraction of bandwidth / bytes-per-to
 decode rate reaches: the median over repetitions of each repetition's decode rate against its own
 bandwidth, and the range of those per-repetition fractions (on a machine whose bandwidth swings between
 two levels within seconds, the range shows how much the median owes to which level each reading caught).
+With more than one thread it also reads with one thread in each repetition and reports the fractions per level:
+repetitions whose N-thread read scaled past the 1-thread read (>= (1 + N) / 2 times it) and those where it did not
+(`print_levels`).
 --batches measures decode throughput (tokens/s summed over the rows) of each twophase
 artifact at those batch sizes (rows are different 128-token prompts).
 """
@@ -216,6 +219,33 @@ def batch_decode(runner: TwophaseRunner, prompts: list[list[int]], steps: int) -
     return time.perf_counter() - t
 
 
+def print_levels(bandwidths: list[tuple], by_level: list[tuple[str, list[float]]], threads: int) -> None:
+    """The roofline fractions split by whether a repetition's N-thread read scaled past one thread's.
+
+    On a shared VM the N-thread read can sit at about one thread's rate (the threads share one path to memory)
+    or at about N times it (each has its own); one thread's read barely moves. The decode rate does not follow
+    the N-thread level one for one (each thread must then stream near its solo rate while also computing), so
+    a fraction depends on which level its repetition caught: it is reported per level. A repetition counts as
+    scaled when its N-thread read is at least (1 + N) / 2 times its one-thread read.
+    """
+    ratios = [b[0] / b[3] for b in bandwidths]
+    cut = (1 + threads) / 2
+    scaled = [x >= cut for x in ratios]
+    solos = [b[3] for b in bandwidths]
+    print(f"\nBy bandwidth level: the 1-thread read measured {statistics.median(solos):.1f} GB/s "
+          f"({min(solos):.1f}-{max(solos):.1f}); the {threads}-thread read was {min(ratios):.2f}-{max(ratios):.2f}x "
+          f"of it. Scaled: repetitions where it was >= {cut:.1f}x ({sum(scaled)} of {len(scaled)}); the fraction is "
+          f"the median over that level's repetitions\n")
+    print("| engine | fraction, scaled | fraction, not scaled |")
+    print("|---|---|---|")
+    for name, fractions in by_level:
+        cells = []
+        for level in (True, False):
+            xs = [f for f, s in zip(fractions, scaled) if s == level]
+            cells.append(f"{statistics.median(xs):.0%} ({min(xs):.0%}-{max(xs):.0%}, n={len(xs)})" if xs else "-")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
@@ -280,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             from twophase.bench.roofline import StreamKernel, measure_bandwidth
 
             bw = measure_bandwidth(args.threads)
-            bandwidths.append((bw.kernel(StreamKernel.READ).median_gbs, bw.cpu_share, bw.array_mib))
+            solo = measure_bandwidth(1).kernel(StreamKernel.READ).median_gbs if args.threads > 1 else None
+            bandwidths.append((bw.kernel(StreamKernel.READ).median_gbs, bw.cpu_share, bw.array_mib, solo))
         for r in runners if rep % 2 == 0 else runners[::-1]:  # alternating order: position effects cancel
             for n in lengths:
                 times.setdefault((r.name, f"prefill {n}"), []).append(n / r.prefill(prompts[n]))
@@ -316,6 +347,7 @@ def main(argv: list[str] | None = None) -> int:
               f"cpu share {statistics.median(b[1] for b in bandwidths):.2f}); bytes per token = decode weights + K/V "
               f"of {context} positions. fraction = median over repetitions of measured / roofline at that "
               "repetition's bandwidth\n")
+        by_level: list[tuple[str, list[float]]] = []
         print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction | per repetition |")
         print("|---|---|---|---|---|---|---|")
         for r in runners:
@@ -328,6 +360,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | "
                   f"{roofline_tokens_per_s(per_token, read):.0f} | {statistics.median(runs):.1f} | "
                   f"{statistics.median(fractions):.0%} | {min(fractions):.0%}-{max(fractions):.0%} |")
+            by_level.append((r.name, fractions))
+        if args.threads > 1:
+            print_levels(bandwidths, by_level, args.threads)
 
     if backends:
         print("\nBackends side by side (same run): TVM / ORT per scheme; decode = time per token at context 128 "
@@ -347,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
             build = tvm_build_seconds(tvm_r.engine.root)
             print(f"| {scheme} | " + " | ".join(cells) + f" | {ratio:.2f} | {build} |")
         print("\nBoth at the artifacts' accuracy level: at 4 (default) ORT's MatMulNBits quantizes activations to "
-              "int8 per block in every call, TVM in its decode GEMV (<= 4 rows; its GEMMs dequantize to float).")
+              "int8 per block in every call, TVM in its decode GEMV (<= 16 rows; its GEMMs dequantize to float).")
 
     batches = [int(b) for b in args.batches.split(",") if b]
     if batches:

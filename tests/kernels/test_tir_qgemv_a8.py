@@ -95,9 +95,11 @@ def test_matches_reference(case):
         np.testing.assert_allclose(Y.numpy(), ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()), err_msg=f"M={M}")
 
 
-def test_any_pool_size_computes_every_tile_once():
+@pytest.mark.parametrize("M", [2, 7, MAX_M], ids=lambda m: f"M{m}")
+def test_any_pool_size_computes_every_tile_once(M):
     """The parallel loop's first item holds LEAD_TILES + 1 tiles: with pools of 1, 2 and 3 threads (so ranges
-    of items that start and end anywhere) and 1, 2 or 10 tiles, Y is the reference, bit for bit the same."""
+    of items that start and end anywhere) and 1, 2 or 10 tiles, Y is the reference, bit for bit the same.
+    M = 7 and 16: rows in groups of ROW_GROUP per tile (and a remainder)."""
     isa, target = VARIANTS[-1]
     pool = tvm.get_global_func("runtime.config_threadpool")
     specs = [QGemvA8Spec(4, 96, n, 32, zero=8) for n in (20, 40, 300)]  # 1 tile, 2, 10 (the last with a tail)
@@ -107,12 +109,12 @@ def test_any_pool_size_computes_every_tile_once():
             codes, scale, _ = _weights(sp, rng)
             packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
             fn = _kernel(sp, isa, target)["qgemv"]
-            X = rng.standard_normal((2, sp.K)).astype(np.float32)
+            X = rng.standard_normal((M, sp.K)).astype(np.float32)
             ref = reference(sp, X, codes, scale)
             outs = []
             for threads in (1, 2, 3):
                 pool(1, threads)
-                Y = tvm.runtime.tensor(np.full((2, sp.N), np.nan, np.float32))
+                Y = tvm.runtime.tensor(np.full((M, sp.N), np.nan, np.float32))
                 fn(tvm.runtime.tensor(X), *packed, Y)
                 outs.append(Y.numpy())
                 np.testing.assert_allclose(outs[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
@@ -122,6 +124,28 @@ def test_any_pool_size_computes_every_tile_once():
     finally:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
         pool(1, int(os.environ.get("TVM_NUM_THREADS", "0")) or cores)  # the pool as TVM starts it
+
+
+def test_each_row_as_alone():
+    """Up to MAX_M rows, a row's output is bit for bit what the row gives alone (M = 1): rows are quantized
+    and accumulated independently, whichever row group and position they take (a batched decode step
+    gives each sequence the logits it gets alone)."""
+    isa, target = VARIANTS[-1]
+    spec = QGemvA8Spec(4, 200, 70, 32, has_offset=True, zero=8)
+    rng = np.random.default_rng(5)
+    codes, scale, offset = _weights(spec, rng)
+    packed = [tvm.runtime.tensor(a) for a in pack(spec, codes, scale, offset)]
+    fn = _kernel(spec, isa, target)["qgemv"]
+    X = rng.standard_normal((MAX_M, spec.K)).astype(np.float32)
+    alone = []
+    for m in range(MAX_M):
+        Y = tvm.runtime.tensor(np.full((1, spec.N), np.nan, np.float32))
+        fn(tvm.runtime.tensor(X[m : m + 1]), *packed, Y)
+        alone.append(Y.numpy()[0])
+    for M in (2, 5, 6, 11, MAX_M):
+        Y = tvm.runtime.tensor(np.full((M, spec.N), np.nan, np.float32))
+        fn(tvm.runtime.tensor(X[:M]), *packed, Y)
+        np.testing.assert_array_equal(Y.numpy(), np.stack(alone[:M]), err_msg=f"M={M}")
 
 
 def test_reference_is_dequantized_product():

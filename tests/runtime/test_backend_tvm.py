@@ -132,6 +132,36 @@ def test_int8_kv_cache_matches_ort(tiny_hf_dir, tmp_path: Path):
         assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
 
 
+def test_batched_int8_gemv_rows_as_alone(tiny_hf_dir, tmp_path: Path):
+    """Accuracy level 4 (int8 activations in the decode GEMV, up to 16 rows): 9 rows of different lengths
+    (row groups of 4, 4 and 1 in each tile) decode together as each does alone: the same greedy tokens, and,
+    with each row prefilled alone into its slot, decode logits equal to float rounding (the attention splits
+    its keys differently by batch; the GEMV rows are bit for bit, tests/kernels/test_tir_qgemv_a8.py)."""
+    hf_dir, _ = tiny_hf_dir("gqa16")
+    level4 = PhaseOptions(QuantScheme.W4A16, accuracy_level=4)
+    engine = Engine.load(compile_model(str(hf_dir), tmp_path / "tvm", CompileOptions(
+        backend=Backend.TVM, prefill=level4, decode=level4, max_len=96)), threads=2)
+    assert b"qgemv_a8" in (tmp_path / "tvm" / "decode.so").read_bytes()  # the int8-activation GEMV kernels
+    rng = np.random.default_rng(4)
+    prompts = [list(rng.integers(3, 97, n)) for n in (3, 9, 5, 14, 1, 7, 11, 2, 6)]
+    rows = engine.generate_batch_ids(prompts, max_new_tokens=10)
+    alone = [list(engine.generate_batch_ids([p], max_new_tokens=10)[0]) for p in prompts]
+    assert [list(r) for r in rows] == alone
+
+    feed = rng.integers(3, 97, (4, len(prompts)))  # the tokens decoded after the prompts, per step and row
+
+    def slots(batch: list, columns: slice) -> np.ndarray:
+        engine.start_slots(len(batch), 32)
+        first = np.stack([engine.prefill_slot(i, p) for i, p in enumerate(batch)])
+        return np.stack([first] + [engine.decode_one_token(f[columns]) for f in feed], axis=1)  # (B, 5, V)
+
+    together = slots(prompts, slice(None))
+    for i, p in enumerate(prompts):
+        one = slots([p], slice(i, i + 1))[0]
+        np.testing.assert_array_equal(together[i, 0], one[0])  # the same prefill (one row alone both times)
+        np.testing.assert_allclose(together[i], one, rtol=0, atol=1e-5 * np.abs(one).max(), err_msg=f"row {i}")
+
+
 def test_bad_token_ids(engines):
     e = engines["tvm"]
     with pytest.raises(TwophaseError, match=r"token ids must be in \[0, 97\)"):
@@ -319,10 +349,12 @@ def test_eval_against_ort_twin(artifacts):
 
 def test_eval_gemv_rows_match_the_kernel():
     """eval scores TVM decode in batches the int8-activation GEMV takes, and prefill in batches it does not."""
-    from twophase.compiler.evaluate import TVM_GEMV_ROWS
+    from twophase.compiler.evaluate import TVM_GEMV_ROWS, TVM_PREFILL_GEMV_ROWS
+    from twophase.compiler.lower_tvm import gemv_rows_for
     from twophase.kernels.tir.qgemv_a8 import MAX_M
 
-    assert TVM_GEMV_ROWS == MAX_M
+    assert TVM_GEMV_ROWS == gemv_rows_for("decode") == MAX_M
+    assert TVM_PREFILL_GEMV_ROWS == gemv_rows_for("prefill") < 6  # _run_prefill_steps' default group
 
 
 @pytest.mark.parametrize("sizes", [[(3, 5), (7,), (2, 2)], [(1 << 19,), (1000,), (3, 4)]], ids=["small", "huge"])

@@ -269,9 +269,11 @@ def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator
         yield _log_softmax(logits[0, :-1])  # (L-1, V): the predicting positions
 
 
-# Rows up to which the TVM backend's decode GEMV runs (int8 activations at accuracy level 4); above it the
-# matmuls take the float GEMM that prefill uses (kernels/tir/qgemv_a8.py).
-TVM_GEMV_ROWS = 4
+# Rows up to which the TVM backend's int8-activation GEMV runs (accuracy level 4) in the decode library and in
+# the prefill library; above them the matmuls take the float GEMM (kernels/tir/qgemv_a8.py,
+# lower_tvm.gemv_rows_for).
+TVM_GEMV_ROWS = 16
+TVM_PREFILL_GEMV_ROWS = 4
 
 
 def _run_prefill_steps(
@@ -279,16 +281,16 @@ def _run_prefill_steps(
 ) -> Iterator[np.ndarray]:
     """_run_prefill for a TVM artifact: its prefill library returns each step's last logits only, so the
     windows run through it teacher-forced, one token per step over the bound cache, `group` windows as one
-    batch: more rows than TVM_GEMV_ROWS, so the matmuls take the GEMM path a whole prompt takes (the same
-    per-row arithmetic as the window at once). Memory: group x L x vocab float32 logits."""
+    batch: more rows than TVM_PREFILL_GEMV_ROWS, so the matmuls take the GEMM path a whole prompt takes (the
+    same per-row arithmetic as the window at once). Memory: group x L x vocab float32 logits."""
     W, L = windows_WL.shape
     V = manifest.model.vocab_size
     cache = BoundKVCache.for_model(manifest.model, max_context(manifest), manifest.kv_cache["dtype"])
     for start in range(0, W, group):
         rows = windows_WL[start : start + group]
         real = rows.shape[0]
-        if real <= TVM_GEMV_ROWS:  # a short last group: pad with copies so it too takes the GEMM path
-            rows = np.concatenate([rows, np.repeat(rows[:1], TVM_GEMV_ROWS + 1 - real, axis=0)])
+        if real <= TVM_PREFILL_GEMV_ROWS:  # a short last group: pad with copies so it too takes the GEMM path
+            rows = np.concatenate([rows, np.repeat(rows[:1], TVM_PREFILL_GEMV_ROWS + 1 - real, axis=0)])
         B = rows.shape[0]
         ones = np.ones(B, dtype=np.int64)
         cache.allocate(B, L)

@@ -56,6 +56,7 @@ from twophase.compiler.manifest import TensorSpec
 log = logging.getLogger(__name__)
 
 SIZE_THRESHOLD = 1024  # bytes: larger initializers are function parameters (weights.bin), smaller constants
+PREFILL_GEMV_ROWS = 4  # the prefill library's int8 GEMV row limit (`gemv_rows_for`)
 # linked into every phase library: the runtime's native replay of a recorded decode step (runtime/backend_tvm.py)
 STEP_REPLAY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "native" / "step_replay.cc"
 
@@ -123,7 +124,7 @@ def lower_phases(
             inputs = tuple(tensor_spec(v) for v in model.graph.inputs)
             outputs = tuple(tensor_spec(v) for v in model.graph.outputs)
             proto, params = graph_for_import(model)
-            mod = import_relax(proto, target)
+            mod = import_relax(proto, target, gemv_rows=gemv_rows_for(phase))
             executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
             library = f"{phase}.so"
             executable.export_library(str(out_dir / library), addons=[str(STEP_REPLAY_SOURCE)])
@@ -154,16 +155,26 @@ def graph_for_import(model: ir.Model) -> tuple[object, list[tuple[str, np.ndarra
     return ir.to_proto(model), params
 
 
-def import_relax(proto, target: dict | None = None) -> object:
+def gemv_rows_for(phase: str) -> int:
+    """Rows up to which the phase's int8-activation GEMV runs (accuracy level 4): a decode step of up to
+    qgemv_a8.MAX_M (16) rows, so every row of a batch gets the arithmetic it gets alone; a prefill keeps the
+    GEMM's float activations from PREFILL_GEMV_ROWS + 1 tokens on (where they have always started)."""
+    from twophase.kernels.tir import qgemv_a8
+
+    return qgemv_a8.MAX_M if phase == "decode" else PREFILL_GEMV_ROWS
+
+
+def import_relax(proto, target: dict | None = None, gemv_rows: int | None = None) -> object:
     """TVM's ONNX importer with twophase's converters for the nodes it does not know; `target` (default:
-    this machine's) picks the kernel variants that depend on SIMD features."""
+    this machine's) picks the kernel variants that depend on SIMD features; `gemv_rows` (default
+    qgemv_a8.MAX_M): rows up to which a QMatMul with int8 activations runs the GEMV (`gemv_rows_for`)."""
     from tvm.relax.frontend.onnx import from_onnx
 
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = target if target is not None else host_target()["tvm_target"]
     isa = isa_for_target(target)
-    with _converters(isa), warnings.catch_warnings():
+    with _converters(isa, gemv_rows), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -200,15 +211,15 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters(isa) -> Iterator[None]:
+def _converters(isa, gemv_rows: int | None = None) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
-    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant."""
+    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `gemv_rows` the int8 GEMV's row limit."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
-        "QMatMul": _qmatmul_converter(frontend, kernels, isa),
+        "QMatMul": _qmatmul_converter(frontend, kernels, isa, gemv_rows),
         "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
         "GroupQueryAttention": _gqa_converter(frontend, kernels),
@@ -249,7 +260,7 @@ def _flatten_rows(bb, x, last: int):
     return x2, lead, M
 
 
-def _qmatmul_converter(frontend, kernels: dict, isa):
+def _qmatmul_converter(frontend, kernels: dict, isa, gemv_rows: int | None = None):
     from tvm import relax
 
     from twophase.kernels.tir import qgemv_a8, qmatmul
@@ -270,11 +281,12 @@ def _qmatmul_converter(frontend, kernels: dict, isa):
             x = bb.normalize(x)
             dims = list(x.ty.shape.values)
             rank = 3 if len(dims) == 3 else 2  # [B, T, K] as it comes (no reshapes in the VM), else rows
-            if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to qgemv_a8.MAX_M rows
+            if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to `rows` rows
                 a8 = qgemv_a8.QGemvA8Spec.of(spec)
-                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, fusion, rank),
+                rows = gemv_rows or qgemv_a8.MAX_M
+                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, fusion, rank, rows),
                              qgemv_a8.default_name(a8, isa, fusion) + f"_r{rank}",
-                             lambda: qgemv_a8.prim_func(a8, isa=isa, fusion=fusion, rank=rank))
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, fusion=fusion, rank=rank, max_rows=rows))
             else:
                 gv = _kernel(bb, kernels, ("qmatmul", spec, fusion, rank), qmatmul.default_name(spec, fusion) + f"_r{rank}",
                              lambda: qmatmul.prim_func(spec, fusion=fusion, rank=rank))

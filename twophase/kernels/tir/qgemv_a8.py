@@ -28,8 +28,13 @@ two columns', in the nibbles). Then, per row, through `isa`'s dot product:
 (The row-order layout before needed two byte permutes (vpermb) per 64 bytes: without them the SmolLM2 decode
 GEMV sequence, paired on Zen 4, runs 1.21x / 1.18x at 1 / 2 threads where its weights sit in L3, and the same
 within noise (1.02x / 1.00x) where they stream from DRAM, the decode case, at about the read bandwidth.)
-Per call: activation rows are quantized once (serially: M <= MAX_M rows of K), then tiles in parallel keep
-R x 32 int32 and float accumulators in registers (one static variant per row count R = 1..MAX_M). The
+Per call: activation rows are quantized once (serially, on the calling thread), then tiles in parallel keep
+R x 32 int32 and float accumulators in registers, R <= ROW_GROUP (4): a tile runs M rows as groups of 4 and one
+of the M % 4 left (static variants R = 1..4; M = 1, the batch-1 decode step, has its own loop), its weights
+streamed from DRAM for the first group and read from L1 for the others. So a batched decode step of up to
+`max_rows` <= MAX_M (16) rows streams the weights once, with int8 dot products, and each row's output is bit for
+bit the one it gets alone (SmolLM2 w4a16 decode, 2 threads, tokens/s summed over the rows: batch 8 2.26x and
+batch 16 1.87x the float GEMM that ran above 4 rows before; benchmarks/phases.py --batches). The
 parallel loop's first item is LEAD_TILES + 1 tiles, the others one: the pool gives each thread a contiguous
 range of items, so the calling thread, which starts while the pool's workers are still waking up, streams
 LEAD_TILES more, whatever the pool's size. Each tile first requests the lines of the quantized activations
@@ -51,7 +56,8 @@ from twophase.kernels.tir.qmatmul import TN, QMatMulSpec
 from twophase.kernels.tir.qmatmul_int8 import Isa
 from twophase.kernels.tir.script import fast_macros
 
-MAX_M = 4  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
+MAX_M = 16  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
+ROW_GROUP = 4  # rows whose accumulators a tile keeps in registers at once (R x 32 int32 + R x 32 float)
 XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
 # software prefetch distance in W; 0: none, the hardware prefetcher alone streams W faster (SmolLM2 decode GEMVs
 # from DRAM, 2 threads, paired: 1.14x over 512 B, the distance before; end to end 1.04x tok/s)
@@ -149,12 +155,14 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 
 @fast_macros
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, fusion: Fusion = Fusion(),
-              rank: int = 2):
-    """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > MAX_M runs
-    qmatmul's float GEMM). With a `fusion` (kernels/tir/fusion.py): its gamma before the arrays, its residual
-    R [M, N] before Y.
+              rank: int = 2, max_rows: int = MAX_M):
+    """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > max_rows runs
+    qmatmul's float GEMM; 1 <= max_rows <= MAX_M). With a `fusion` (kernels/tir/fusion.py): its gamma before the
+    arrays, its residual R [M, N] before Y.
     rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
-    func = _build(spec, isa, fusion=fusion, rank=rank)
+    if not 1 <= max_rows <= MAX_M:
+        raise ValueError(f"max_rows must be in 1..{MAX_M}, got {max_rows}")
+    func = _build(spec, isa, fusion=fusion, rank=rank, max_rows=max_rows)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
@@ -165,7 +173,7 @@ def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
 
 
 def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion = Fusion(),
-           rank: int = 2):
+           rank: int = 2, max_rows: int = MAX_M):
     """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
     `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
     from tvm.script import tirx as T
@@ -262,27 +270,26 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
             XS[m, b] = XS[m, b] + Xc[m, k0 + j]
 
     @T.macro
-    def quantize(X, Xc, Xw, Xp, SX, XS, M):
-        for m in range(M):
-            for b in range(NBF):
-                quantize_block(X, Xc, SX, XS, m, b, b * XB, XB)
-            if LT > 0:
-                quantize_block(X, Xc, SX, XS, m, NBF, NBF * XB, LT)
-            if KQ > 0:
-                if vnni:
-                    for q in T.vectorized(KQ):
-                        Xw[m, q] = T.bitwise_or(
-                            T.bitwise_or(T.bitwise_and(Xc[m, 4 * q] + U8, 0xFF),
-                                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 1] + U8, 0xFF), 8)),
-                            T.bitwise_or(T.shift_left(T.bitwise_and(Xc[m, 4 * q + 2] + U8, 0xFF), 16),
-                                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 3] + U8, 0xFF), 24)))
-                if pairs:
-                    for p in T.vectorized(2 * KQ):
-                        Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
+    def quantize_row(X, Xc, Xw, Xp, SX, XS, m):
+        for b in range(NBF):
+            quantize_block(X, Xc, SX, XS, m, b, b * XB, XB)
+        if LT > 0:
+            quantize_block(X, Xc, SX, XS, m, NBF, NBF * XB, LT)
+        if KQ > 0:
+            if vnni:
+                for q in T.vectorized(KQ):
+                    Xw[m, q] = T.bitwise_or(
+                        T.bitwise_or(T.bitwise_and(Xc[m, 4 * q] + U8, 0xFF),
+                                     T.shift_left(T.bitwise_and(Xc[m, 4 * q + 1] + U8, 0xFF), 8)),
+                        T.bitwise_or(T.shift_left(T.bitwise_and(Xc[m, 4 * q + 2] + U8, 0xFF), 16),
+                                     T.shift_left(T.bitwise_and(Xc[m, 4 * q + 3] + U8, 0xFF), 24)))
+            if pairs:
+                for p in T.vectorized(2 * KQ):
+                    Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
 
     @T.macro
-    def block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, k0, L, R):
-        # A[r, :] += the block's term (module doc) for rows 0..R-1, activation block b = rows k0 .. k0+L-1
+    def block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, k0, L, R, m0):
+        # A[r, :] += the block's term (module doc) for activation rows m0 .. m0+R-1, block b = K rows k0 .. k0+L-1
         for r in T.unroll(R):
             for j in T.vectorized(TN):
                 C[r, j] = 0
@@ -307,7 +314,7 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
                         dtype=i32v)
                 for r in T.unroll(R):
                     C[r, T.ramp(v * VL, 1, VL)] = dot(C[r, T.ramp(v * VL, 1, VL)], wq[v, T.ramp(0, 1, 4 * VL)],
-                                                      Xw, Xp, Xc, r, k0 // 4 + q)
+                                                      Xw, Xp, Xc, m0 + r, k0 // 4 + q)
         if full4:  # lanes 0..15 summed code_lo + 16 code_hi (quad_words): take out 16 x the high nibbles' sums
             for r in T.unroll(R):
                 for j in T.vectorized(TN // 2):
@@ -317,45 +324,47 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
                 if bits == 4:
                     for j in T.vectorized(16):
                         C[r, j] = C[r, j] + T.bitwise_and(T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]), 15) * Xc[
-                            r, k0 + L // 4 * 4 + i]
+                            m0 + r, k0 + L // 4 * 4 + i]
                     for j in T.vectorized(16):
                         C[r, j + 16] = C[r, j + 16] + T.shift_right(T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]),
-                                                                    4) * Xc[r, k0 + L // 4 * 4 + i]
+                                                                    4) * Xc[m0 + r, k0 + L // 4 * 4 + i]
                 else:
                     for j in T.vectorized(TN):
-                        C[r, j] = C[r, j] + T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]) * Xc[r, k0 + L // 4 * 4 + i]
+                        C[r, j] = C[r, j] + T.Cast("int32", W[t, k0 + L // 4 * 4 + i, j]) * Xc[
+                            m0 + r, k0 + L // 4 * 4 + i]
         for r in T.unroll(R):
             for j in T.vectorized(TN):
                 if has_offset:
-                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
-                        SX[r, b] * S[t, k0 // bs, j]) + O[t, k0 // bs, j] * (SX[r, b] * T.Cast("float32", XS[r, b]))
+                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[m0 + r, b] * zero) * (
+                        SX[m0 + r, b] * S[t, k0 // bs, j]) + O[t, k0 // bs, j] * (
+                        SX[m0 + r, b] * T.Cast("float32", XS[m0 + r, b]))
                 else:
-                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[r, b] * zero) * (
-                        SX[r, b] * S[t, k0 // bs, j])
+                    A[r, j] = A[r, j] + T.Cast("float32", C[r, j] - corr[j] * U8 - XS[m0 + r, b] * zero) * (
+                        SX[m0 + r, b] * S[t, k0 // bs, j])
 
     @T.macro
-    def fetch_activations(Xc, Xw, Xp, SX, XS, R):
+    def fetch_activations(Xc, Xw, Xp, SX, XS, R, m0):
         # the quantized activations were just written by the thread that quantized them: request all their
         # lines at once, or the dot loop misses on them one line at a time (each a transfer from the other
         # core's cache, about 1.5 us per call for K = 576 on a worker thread); cache hits after a task's first tile
         for r in T.unroll(R):
             if vnni:
                 for i in range(-(-KQ // 16)):
-                    prefetch(T.address_of(Xw[r, i * 16]))
+                    prefetch(T.address_of(Xw[m0 + r, i * 16]))
             elif pairs:
                 for i in range(-(-2 * KQ // 16)):
-                    prefetch(T.address_of(Xp[r, i * 16]))
+                    prefetch(T.address_of(Xp[m0 + r, i * 16]))
             else:
                 for i in range(-(-K // 16)):
-                    prefetch(T.address_of(Xc[r, i * 16]))
+                    prefetch(T.address_of(Xc[m0 + r, i * 16]))
             for i in range(-(-NB // 16)):
-                prefetch(T.address_of(SX[r, i * 16]))
-                prefetch(T.address_of(XS[r, i * 16]))
+                prefetch(T.address_of(SX[m0 + r, i * 16]))
+                prefetch(T.address_of(XS[m0 + r, i * 16]))
 
     @T.macro
-    def tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t):
-        # columns t * TN .. of Y for R rows
-        fetch_activations(Xc, Xw, Xp, SX, XS, R)
+    def tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t, m0):
+        # columns t * TN .. of Y for rows m0 .. m0+R-1
+        fetch_activations(Xc, Xw, Xp, SX, XS, R, m0)
         A = T.alloc_buffer((R, TN), "float32", scope="global")
         C = T.alloc_buffer((R, TN), "int32", scope="global")
         corr = T.alloc_buffer((TN,), "int32", scope="global")
@@ -367,49 +376,67 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
             for j in T.vectorized(TN):
                 corr[j] = 0
         for b in range(NBF):
-            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R)
+            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, b * XB, XB, R, m0)
         if LT > 0:
-            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R)
+            block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, NBF, NBF * XB, LT, R, m0)
         if NTAIL == 0 or t < NTF:
             for r in T.unroll(R):
                 for j in T.vectorized(TN):
-                    Y[r, t * TN + j] = A[r, j]
+                    Y[m0 + r, t * TN + j] = A[r, j]
         else:
             for r in T.unroll(R):
                 for j in range(NTAIL):
-                    Y[r, t * TN + j] = A[r, j]
+                    Y[m0 + r, t * TN + j] = A[r, j]
 
     @T.macro
     def tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, R):
+        # one row group of R rows (the batch-1 decode step)
         for u in T.parallel(NT - LEAD):  # item 0: tiles 0 .. LEAD; item u > 0: tile u + LEAD
             if u == 0:
                 for t in range(LEAD + 1):
-                    tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t)
+                    tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, t, 0)
             else:
-                tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, u + LEAD)
+                tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, R, u + LEAD, 0)
+
+    @T.macro
+    def row_groups(W, S, O, Xc, Xw, Xp, SX, XS, Y, t, M):
+        # tile t for all M rows, ROW_GROUP at a time, then the M % ROW_GROUP left: the tile's weights come
+        # from DRAM for the first group and from L1 for the others
+        for g in range(M // ROW_GROUP):
+            tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, ROW_GROUP, t, g * ROW_GROUP)
+        if M % ROW_GROUP == 1:
+            tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, 1, t, M - 1)
+        if M % ROW_GROUP == 2:
+            tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, 2, t, M - 2)
+        if M % ROW_GROUP == 3:
+            tile(W, S, O, Xc, Xw, Xp, SX, XS, Y, 3, t, M - 3)
+
+    @T.macro
+    def grouped_tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, M):
+        # the same items as `tiles`, with one copy of the (larger) row-group code: item u runs tiles t0 .. u + LEAD
+        for u in T.parallel(NT - LEAD):
+            for t in range(T.if_then_else(u == 0, T.int64(0), u + LEAD), u + LEAD + 1):
+                row_groups(W, S, O, Xc, Xw, Xp, SX, XS, Y, t, M)
 
     @T.macro
     def gemv(X, W, S, O, Y, M):
-        Xc = T.alloc_buffer((MAX_M, K), "int32", scope="global")
-        Xw = T.alloc_buffer((MAX_M, max(KQ, 1)), "int32", scope="global")
-        Xp = T.alloc_buffer((MAX_M, max(2 * KQ, 1)), "int32", scope="global")
-        SX = T.alloc_buffer((MAX_M, NB), "float32", scope="global")
-        XS = T.alloc_buffer((MAX_M, NB), "int32", scope="global")
-        quantize(X, Xc, Xw, Xp, SX, XS, M)
+        Xc = T.alloc_buffer((max_rows, K), "int32", scope="global")
+        Xw = T.alloc_buffer((max_rows, max(KQ, 1)), "int32", scope="global")
+        Xp = T.alloc_buffer((max_rows, max(2 * KQ, 1)), "int32", scope="global")
+        SX = T.alloc_buffer((max_rows, NB), "float32", scope="global")
+        XS = T.alloc_buffer((max_rows, NB), "int32", scope="global")
+        for m in range(M):  # (a parallel loop here doubled the kernel's build time)
+            quantize_row(X, Xc, Xw, Xp, SX, XS, m)
         if M == 1:
             tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 1)
-        if M == 2:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 2)
-        if M == 3:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 3)
-        if M == 4:
-            tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, 4)
+        else:
+            grouped_tiles(W, S, O, Xc, Xw, Xp, SX, XS, Y, M)
 
     gemm = qmatmul.gemm_macro(w)
 
     @T.macro
     def body(X, W, S, O, Y, M):
-        if M <= MAX_M:
+        if M <= max_rows:
             gemv(X, W, S, O, Y, M)
         else:
             gemm(X, W, S, O, Y, M)
