@@ -50,6 +50,7 @@ import onnxruntime as ort
 
 from twophase.compiler import corpus
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError
+from twophase.compiler.lower_tvm import gemv_rows_for
 from twophase.compiler.manifest import Manifest
 from twophase.passes.split_phases import find_last_position_slice
 from twophase.runtime.artifact import load_manifest, max_context, resolve, tokenizer_paths
@@ -270,10 +271,9 @@ def _run_prefill(sess: ort.InferenceSession, windows_WL: np.ndarray) -> Iterator
 
 
 # Rows up to which the TVM backend's int8-activation GEMV runs (accuracy level 4) in the decode library and in
-# the prefill library; above them the matmuls take the float GEMM (kernels/tir/qgemv_a8.py,
-# lower_tvm.gemv_rows_for).
-TVM_GEMV_ROWS = 16
-TVM_PREFILL_GEMV_ROWS = 4
+# the prefill library; above them the matmuls take the float GEMM (kernels/tir/qgemv_a8.py)
+TVM_GEMV_ROWS = gemv_rows_for("decode")
+TVM_PREFILL_GEMV_ROWS = gemv_rows_for("prefill")
 
 
 def _run_prefill_steps(
