@@ -270,22 +270,37 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
             XS[m, b] = XS[m, b] + Xc[m, k0 + j]
 
     @T.macro
+    def pack_quad(Xc, Xw, m, q):  # activation codes 4q .. 4q+3 as the bytes of one word (u8 with U8 = 128)
+        Xw[m, q] = T.bitwise_or(
+            T.bitwise_or(T.bitwise_and(Xc[m, 4 * q] + U8, 0xFF),
+                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 1] + U8, 0xFF), 8)),
+            T.bitwise_or(T.shift_left(T.bitwise_and(Xc[m, 4 * q + 2] + U8, 0xFF), 16),
+                         T.shift_left(T.bitwise_and(Xc[m, 4 * q + 3] + U8, 0xFF), 24)))
+
+    @T.macro
+    def pack_pair(Xc, Xp, m, p):  # activation codes 2p, 2p+1 as the int16 halves of one word
+        Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
+
+    @T.macro
     def quantize_row(X, Xc, Xw, Xp, SX, XS, m):
         for b in range(NBF):
             quantize_block(X, Xc, SX, XS, m, b, b * XB, XB)
         if LT > 0:
             quantize_block(X, Xc, SX, XS, m, NBF, NBF * XB, LT)
-        if KQ > 0:
-            if vnni:
-                for q in T.vectorized(KQ):
-                    Xw[m, q] = T.bitwise_or(
-                        T.bitwise_or(T.bitwise_and(Xc[m, 4 * q] + U8, 0xFF),
-                                     T.shift_left(T.bitwise_and(Xc[m, 4 * q + 1] + U8, 0xFF), 8)),
-                        T.bitwise_or(T.shift_left(T.bitwise_and(Xc[m, 4 * q + 2] + U8, 0xFF), 16),
-                                     T.shift_left(T.bitwise_and(Xc[m, 4 * q + 3] + U8, 0xFF), 24)))
-            if pairs:
-                for p in T.vectorized(2 * KQ):
-                    Xp[m, p] = T.bitwise_or(T.bitwise_and(Xc[m, 2 * p], 0xFFFF), T.shift_left(Xc[m, 2 * p + 1], 16))
+        # the packed words in vectors of AL lanes (one vector the width of the whole row compiles for minutes:
+        # LLVM legalizes an int32 x KQ vector op by op, 70 s for K = 1536)
+        if vnni:
+            for q0 in range(KQ // AL):
+                for q in T.vectorized(AL):
+                    pack_quad(Xc, Xw, m, q0 * AL + q)
+            for q in range(KQ // AL * AL, KQ):
+                pack_quad(Xc, Xw, m, q)
+        if pairs:
+            for p0 in range(2 * KQ // AL):
+                for p in T.vectorized(AL):
+                    pack_pair(Xc, Xp, m, p0 * AL + p)
+            for p in range(2 * KQ // AL * AL, 2 * KQ):
+                pack_pair(Xc, Xp, m, p)
 
     @T.macro
     def block(W, S, O, Xc, Xw, Xp, SX, XS, A, C, corr, wq, t, b, k0, L, R, m0):
