@@ -148,6 +148,13 @@ def test_each_row_as_alone():
         np.testing.assert_array_equal(Y.numpy(), np.stack(alone[:M]), err_msg=f"M={M}")
 
 
+def test_max_rows_out_of_range():
+    spec = QGemvA8Spec(4, 96, 40, 32, zero=8)
+    for rows in (0, MAX_M + 1):
+        with pytest.raises(ValueError, match=rf"max_rows must be in 1\.\.{MAX_M}, got {rows}"):
+            prim_func(spec, max_rows=rows)
+
+
 def test_reference_is_dequantized_product():
     """The reference equals the float64 product of the dequantized int8 activations and dequantized weights."""
     spec = QGemvA8Spec(4, 100, 20, 32, has_offset=True, zero=8)
