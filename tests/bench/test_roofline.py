@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 
+import numpy as np
 import pytest
 
 from twophase.bench import roofline
@@ -156,3 +157,27 @@ def test_parse_cache_size_and_default_size():
     assert roofline._parse_cache_size("2M") == 2 * MIB
     assert roofline._parse_cache_size("4096") == 4096
     assert roofline.default_array_mib() >= 64
+
+
+def test_compiled_read():
+    """TvmRead: both kernels read every byte (the sink is the XOR of each chunk's lines), bytes are counted once,
+    and a pool smaller than the threads asked for is refused by name."""
+    tvm = pytest.importorskip("tvm")
+    from twophase.bench.roofline import READ_SUBSTREAMS, TvmRead
+
+    reader = TvmRead(threads=1, size_mb=2)
+    assert reader.chunks == 2
+    data = np.random.default_rng(0).integers(0, 256, tuple(reader._data.shape), dtype=np.uint8)
+    reader._data = tvm.runtime.tensor(data)
+    result = reader.measure(reps=2)
+    np.testing.assert_array_equal(reader._sink.numpy(), np.bitwise_xor.reduce(data.reshape(2, -1, 64), axis=1))
+    assert data.shape[1] == READ_SUBSTREAMS
+    assert result.source is BandwidthSource.TVM and result.dtype == "uint8"
+    assert [k.kernel for k in result.kernels] == [StreamKernel.READ, StreamKernel.READ_PREFETCH]
+    for k in result.kernels:
+        assert k.bytes_per_rep == 2 * MIB
+        assert math.isfinite(k.median_gbs) and k.best_gbs >= k.median_gbs > 0
+    assert json.loads(json.dumps(result.to_dict()))["kernels"].keys() == {"read", "read_prefetch"}
+    too_many = tvm.runtime.num_threads() + 1
+    with pytest.raises(RuntimeError, match=rf"fewer than threads={too_many}: set TVM_NUM_THREADS={too_many}"):
+        TvmRead(threads=too_many, size_mb=2 * too_many)

@@ -170,11 +170,12 @@ def import_relax(proto, target: dict | None = None, gemv_rows: int | None = None
     qgemv_a8.MAX_M): rows up to which a QMatMul with int8 activations runs the GEMV (`gemv_rows_for`)."""
     from tvm.relax.frontend.onnx import from_onnx
 
+    from twophase.kernels.tir.qgemv_a8 import prefetch_bytes_for
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = target if target is not None else host_target()["tvm_target"]
     isa = isa_for_target(target)
-    with _converters(isa, gemv_rows), warnings.catch_warnings():
+    with _converters(isa, gemv_rows, prefetch_bytes_for(target)), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -211,15 +212,16 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters(isa, gemv_rows: int | None = None) -> Iterator[None]:
+def _converters(isa, gemv_rows: int | None = None, gemv_prefetch: int = 0) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
-    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `gemv_rows` the int8 GEMV's row limit."""
+    it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `gemv_rows` the int8 GEMV's row limit,
+    `gemv_prefetch` its software prefetch distance (qgemv_a8.prefetch_bytes_for)."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
-        "QMatMul": _qmatmul_converter(frontend, kernels, isa, gemv_rows),
+        "QMatMul": _qmatmul_converter(frontend, kernels, isa, gemv_rows, gemv_prefetch),
         "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
         "GroupQueryAttention": _gqa_converter(frontend, kernels),
@@ -260,7 +262,7 @@ def _flatten_rows(bb, x, last: int):
     return x2, lead, M
 
 
-def _qmatmul_converter(frontend, kernels: dict, isa, gemv_rows: int | None = None):
+def _qmatmul_converter(frontend, kernels: dict, isa, gemv_rows: int | None = None, gemv_prefetch: int = 0):
     from tvm import relax
 
     from twophase.kernels.tir import qgemv_a8, qmatmul
@@ -284,9 +286,10 @@ def _qmatmul_converter(frontend, kernels: dict, isa, gemv_rows: int | None = Non
             if int(attr.get("act_int8", 0)):  # accuracy_level 4: int8 activations up to `rows` rows
                 a8 = qgemv_a8.QGemvA8Spec.of(spec)
                 rows = gemv_rows or qgemv_a8.MAX_M
-                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, fusion, rank, rows),
+                gv = _kernel(bb, kernels, ("qgemv_a8", spec, isa, fusion, rank, rows, gemv_prefetch),
                              qgemv_a8.default_name(a8, isa, fusion) + f"_r{rank}",
-                             lambda: qgemv_a8.prim_func(a8, isa=isa, fusion=fusion, rank=rank, max_rows=rows))
+                             lambda: qgemv_a8.prim_func(a8, isa=isa, fusion=fusion, rank=rank, max_rows=rows,
+                                                        prefetch_bytes=gemv_prefetch))
             else:
                 gv = _kernel(bb, kernels, ("qmatmul", spec, fusion, rank), qmatmul.default_name(spec, fusion) + f"_r{rank}",
                              lambda: qmatmul.prim_func(spec, fusion=fusion, rank=rank))

@@ -38,9 +38,9 @@ batch 16 1.87x the float GEMM that ran above 4 rows before; benchmarks/phases.py
 parallel loop's first item is LEAD_TILES + 1 tiles, the others one: the pool gives each thread a contiguous
 range of items, so the calling thread, which starts while the pool's workers are still waking up, streams
 LEAD_TILES more, whatever the pool's size. Each tile first requests the lines of the quantized activations
-(written by the calling thread, so in another core's cache for the pool's workers); W streams through the
-hardware prefetcher (PREFETCH_BYTES, a software prefetch distance, is 0: with 512 B the decode GEMVs streamed
-slower from DRAM).
+(written by the calling thread, so in another core's cache for the pool's workers). W and its scales stream
+through software prefetches `prefetch_bytes` ahead where `prefetch_bytes_for` measured them to pay (Intel cores),
+through the hardware prefetcher alone elsewhere (AMD Zen: module constants below).
 """
 
 from __future__ import annotations
@@ -59,9 +59,15 @@ from twophase.kernels.tir.script import fast_macros
 MAX_M = 16  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM (dequantized panels)
 ROW_GROUP = 4  # rows whose accumulators a tile keeps in registers at once (R x 32 int32 + R x 32 float)
 XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
-# software prefetch distance in W; 0: none, the hardware prefetcher alone streams W faster (SmolLM2 decode GEMVs
-# from DRAM, 2 threads, paired: 1.14x over 512 B, the distance before; end to end 1.04x tok/s)
-PREFETCH_BYTES = 0
+# software prefetch distance in W (bytes ahead in each thread's stream of codes; the scales and offsets go the same
+# number of K rows ahead), by CPU (`prefetch_bytes_for`). SmolLM2 decode GEMVs from DRAM, 2 threads, paired
+# (benchmarks/tir_gemv_stream.py): on an Intel Xeon VM (LLVM: rocketlake, AVX512-VNNI) 4096 B runs 1.40-1.45x as
+# fast as none (2048 B 1.5x slower than 4096, 8192 and 16384 B the same within noise; with the scales also
+# prefetched 1.2x over the codes alone), ~35 GB/s against the ~28 GB/s numpy read; on AMD Zen 4 none ran 1.14x
+# as fast as 512 B (end to end 1.04x tok/s), so Zen cores stream W through the hardware prefetcher alone
+PREFETCH_BYTES = 4096
+_NO_PREFETCH_CPUS = ("znver", "bdver", "btver", "amdfam", "barcelona", "athlon", "opteron", "k8", "generic",
+                     "x86-64")  # AMD cores (measured on Zen 4) and generic targets (the actual core unknown)
 # extra tiles of the calling thread's range (module doc): the pool's workers start about 1 us after it (TVM's
 # pool, 2 threads: 0.75-1.1 us), a tile's stream at decode shapes (576 x 32 int4: 11.5 KB). SmolLM2 decode
 # GEMVs from DRAM, 2 threads, paired: 1 tile 1.08x over none, 2: 1.05x, 3: 1.06x
@@ -69,6 +75,18 @@ LEAD_TILES = 1
 AL = 16  # lanes of the vectorized absmax
 
 _VL = {Isa.AVX512_VNNI: 16, Isa.AVX512: 16, Isa.AVX2: 8, Isa.GENERIC: 8}  # int32 lanes per vector
+
+
+def prefetch_bytes_for(target) -> int:
+    """The software prefetch distance in W for the LLVM target (a Target or its dict): PREFETCH_BYTES on x86
+    cores other than AMD's, 0 (none) on AMD cores, generic x86 targets and other architectures."""
+    import tvm
+
+    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
+    if str(t.kind.name) != "llvm" or "x86" not in str(t.attrs.get("mtriple", "x86_64")):
+        return 0
+    mcpu = str(t.attrs.get("mcpu", "") or "generic")
+    return 0 if mcpu.startswith(_NO_PREFETCH_CPUS) else PREFETCH_BYTES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,14 +173,17 @@ def reference(spec: QGemvA8Spec, X: np.ndarray, codes_KN: np.ndarray, scale_GN: 
 
 @fast_macros
 def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC, fusion: Fusion = Fusion(),
-              rank: int = 2, max_rows: int = MAX_M):
+              rank: int = 2, max_rows: int = MAX_M, prefetch_bytes: int = 0):
     """The kernel: args X [M, K], *pack(spec), Y [M, N] (M a symbolic int64, any M >= 1; M > max_rows runs
     qmatmul's float GEMM; 1 <= max_rows <= MAX_M). With a `fusion` (kernels/tir/fusion.py): its gamma before the
     arrays, its residual R [M, N] before Y.
-    rank=3: X, R, Y are [B, T, .] instead (M = B * T)."""
+    rank=3: X, R, Y are [B, T, .] instead (M = B * T).
+    prefetch_bytes: software prefetch distance in W (0: none; `prefetch_bytes_for` the target's)."""
     if not 1 <= max_rows <= MAX_M:
         raise ValueError(f"max_rows must be in 1..{MAX_M}, got {max_rows}")
-    func = _build(spec, isa, fusion=fusion, rank=rank, max_rows=max_rows)
+    if prefetch_bytes < 0:
+        raise ValueError(f"prefetch_bytes must be >= 0, got {prefetch_bytes}")
+    func = _build(spec, isa, fusion=fusion, rank=rank, max_rows=max_rows, prefetch_bytes=prefetch_bytes)
     return func.with_attr("global_symbol", name or default_name(spec, isa, fusion))
 
 
@@ -173,7 +194,7 @@ def default_name(spec: QGemvA8Spec, isa: Isa, fusion: Fusion = Fusion()) -> str:
 
 
 def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion = Fusion(),
-           rank: int = 2, max_rows: int = MAX_M):
+           rank: int = 2, max_rows: int = MAX_M, prefetch_bytes: int = 0):
     """TVMScript of the kernel; Python-level `if`s are resolved at parse time (one variant per spec).
     `macro="body"`: the body macro `body(X, W, S, O, Y, M)` instead of the PrimFunc."""
     from tvm.script import tirx as T
@@ -194,7 +215,8 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
     wdtype = "uint8" if bits == 4 else "int8"
     WK = TN // 2 if bits == 4 else TN
     ROW_BYTES = WK
-    PF = max(4, PREFETCH_BYTES // ROW_BYTES)  # rows ahead
+    PF = max(4, prefetch_bytes // ROW_BYTES)  # rows of W ahead
+    PFG = max(1, PF // bs)  # weight blocks ahead (scales, offsets)
     LEAD = min(LEAD_TILES, NT - 1)  # the first parallel item's extra tiles
     i32v, b8v = f"int32x{VL}", f"int8x{4 * VL}"
 
@@ -311,8 +333,14 @@ def _build(spec: QGemvA8Spec, isa: Isa, macro: str | None = None, fusion: Fusion
         if shifted:
             for j in T.vectorized(TN):
                 corr[j] = 0
+        if prefetch_bytes > 0 and G > 1:  # a block's TN scales (offsets) are two lines, PFG blocks ahead
+            prefetch(T.address_of(S[t, k0 // bs + PFG, 0]))
+            prefetch(T.address_of(S[t, k0 // bs + PFG, TN // 2]))
+            if has_offset:
+                prefetch(T.address_of(O[t, k0 // bs + PFG, 0]))
+                prefetch(T.address_of(O[t, k0 // bs + PFG, TN // 2]))
         for q in range(L // 4):
-            if PREFETCH_BYTES > 0:
+            if prefetch_bytes > 0:  # one line of codes per quad (4-bit; 8-bit: two)
                 prefetch(T.address_of(W[t, k0 + 4 * q + PF, 0]))
                 if bits == 8:
                     prefetch(T.address_of(W[t, k0 + 4 * q + 2 + PF, 0]))
