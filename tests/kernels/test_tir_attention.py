@@ -4,6 +4,8 @@ does), compared on the valid output rows and on the whole cache buffers after th
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -97,10 +99,10 @@ def _run_ort(session, feeds):
     return io.get_outputs()[0].numpy(), arrays["past_k"], arrays["past_v"]
 
 
-def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False, split_tasks=16):
+def _run_tvm(Hq, Hkv, D, scale, softcap, interleaved, feeds, packed=False, split_tasks=16, prefetch_bytes=0):
     int8 = "k_scale" in feeds
     func = gqa_prim_func(Hq, Hkv, D, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
-                         split_tasks=split_tasks, kv_dtype="int8" if int8 else "float32")
+                         split_tasks=split_tasks, kv_dtype="int8" if int8 else "float32", prefetch_bytes=prefetch_bytes)
     kernel = tvm.compile(func, target=TARGET)["main"]
     B, S, _ = feeds["x_q"].shape
     order = ("x_qkv",) + ORDER[3:] if packed else ORDER
@@ -189,6 +191,27 @@ def test_unsupported_shapes_are_refused():
         gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, kv_dtype="float16")
     with pytest.raises(ValueError, match="split_tasks"):
         gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, split_tasks=0)
+    with pytest.raises(ValueError, match="prefetch_bytes must be >= 0, got -1"):
+        gqa_prim_func(4, 2, 16, scale=None, softcap=0.0, interleaved=False, prefetch_bytes=-1)
+
+
+@pytest.mark.parametrize(("S", "seqlens_k", "query_seqlens", "int8"), [
+    (1, [299, 40], [1, 1], False),  # decode, split keys
+    (7, [4, 36], [5, 7], True),  # prefill chunks, int8 cache (one line per row)
+], ids=["decode-f32", "prefill-int8"])
+def test_prefetch_changes_no_bit(S, seqlens_k, query_seqlens, int8):
+    """Software prefetches of the K and V rows (4 KiB ahead, and far past the capacity) are hints: outputs and
+    caches are bit for bit the kernel's without them; the kernel does emit them."""
+    feeds = _inputs(4, 2, 64, S, 320, seqlens_k, query_seqlens, int8=int8)
+    runs = [_run_tvm(4, 2, 64, None, 0.0, False, {k: v.copy() for k, v in feeds.items()}, split_tasks=4,
+                     prefetch_bytes=d) for d in (0, 4096, 1 << 20)]
+    for run in runs[1:]:
+        for a, b in zip(run, runs[0]):
+            np.testing.assert_array_equal(a, b)
+    asm = [tvm.compile(gqa_prim_func(4, 2, 64, scale=None, softcap=0.0, interleaved=False, prefetch_bytes=d),
+                       target=TARGET).mod.inspect_source("asm") for d in (0, 4096)]
+    count = [len(re.findall(r"\bprefetcht0\b", a)) for a in asm]
+    assert count[0] == 0 < count[1], count
 
 
 @pytest.mark.parametrize(("S", "seqlens_k", "query_seqlens", "split_tasks", "packed"), [

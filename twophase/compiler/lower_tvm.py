@@ -212,19 +212,19 @@ def relax_pipeline(target: dict):
 
 
 @contextmanager
-def _converters(isa, gemv_rows: int | None = None, gemv_prefetch: int = 0) -> Iterator[None]:
+def _converters(isa, gemv_rows: int | None = None, prefetch: int = 0) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
     it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `gemv_rows` the int8 GEMV's row limit,
-    `gemv_prefetch` its software prefetch distance (qgemv_a8.prefetch_bytes_for)."""
+    `prefetch` the software prefetch distance of the int8 GEMV and the attention (qgemv_a8.prefetch_bytes_for)."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map
     kernels: dict[tuple, object] = {}  # (kind, spec) -> GlobalVar, one PrimFunc per distinct kernel
     extra = {
-        "QMatMul": _qmatmul_converter(frontend, kernels, isa, gemv_rows, gemv_prefetch),
+        "QMatMul": _qmatmul_converter(frontend, kernels, isa, gemv_rows, prefetch),
         "QMatMulA8": _qmatmul_a8_converter(frontend, kernels, isa),
         "QGather": _qgather_converter(frontend, kernels),
-        "GroupQueryAttention": _gqa_converter(frontend, kernels),
+        "GroupQueryAttention": _gqa_converter(frontend, kernels, prefetch),
     }
 
     def convert_map():
@@ -367,7 +367,7 @@ def attention_split_tasks() -> int:
     return 2 * max(1, cores)
 
 
-def _gqa_converter(frontend, kernels: dict):
+def _gqa_converter(frontend, kernels: dict, prefetch: int = 0):
     from tvm import relax
 
     from twophase.kernels.tir.attention import gqa_prim_func
@@ -404,12 +404,12 @@ def _gqa_converter(frontend, kernels: dict):
             interleaved = bool(attr.get("rotary_interleaved", 0))
             split = attention_split_tasks()
             kv_dtype = "int8" if int8 else "float32"
-            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed, split, kv_dtype)
+            key = ("gqa", heads, kv_heads, head_dim, scale, softcap, interleaved, packed, split, kv_dtype, prefetch)
             name = f"gqa_h{heads}_kv{kv_heads}_d{head_dim}" + ("_il" if interleaved else "") + ("_qkv" if packed else "")
             name += "_kv8" if int8 else ""
             gv = _kernel(bb, kernels, key, name, lambda: gqa_prim_func(
                 heads, kv_heads, head_dim, scale=scale, softcap=softcap, interleaved=interleaved, packed=packed,
-                split_tasks=split, kv_dtype=kv_dtype))
+                split_tasks=split, kv_dtype=kv_dtype, prefetch_bytes=prefetch))
             B, S = q.ty.shape.values[:2]
             out_sinfo = [relax.TensorType([B, S, heads * head_dim], "float32"), past_k.ty, past_v.ty]
             qkv = [q] if packed else [q, k, v]
