@@ -225,7 +225,7 @@ def batch_decode(runner: TwophaseRunner, prompts: list[list[int]], steps: int) -
 
 
 def compiled_read(threads: int):
-    """twophase.bench.roofline.TvmRead at `threads` threads, or None without Apache TVM (or with a smaller pool)."""
+    """twophase.bench.roofline.TvmRead at `threads` threads, or None without Apache TVM (or with another pool size)."""
     try:
         from twophase.bench.roofline import TvmRead
 
@@ -385,9 +385,9 @@ def main(argv: list[str] | None = None) -> int:
               "repetition's bandwidth\n")
         by_level: list[tuple[str, list[float]]] = []
         if compiled is not None:
-            print(f"Best read: the best of that read and a compiled one ({compiled.threads} TVM threads, 1 MiB chunks of 4 "
-                  f"streams, with and without software prefetches; twophase.bench.roofline.TvmRead), per repetition: "
-                  f"{statistics.median(best_reads):.1f} GB/s ({min(best_reads):.1f}-{max(best_reads):.1f}); numpy's "
+            print(f"Best read: the best of that read and a compiled one ({compiled.threads} TVM threads, 1 MiB chunks "
+                  f"of 4 streams, with and without software prefetches; twophase.bench.roofline.TvmRead), per "
+                  f"repetition: {statistics.median(best_reads):.1f} GB/s ({min(best_reads):.1f}-{max(best_reads):.1f}); numpy's "
                   "sum leaves streaming to the hardware prefetcher, which some cores (Intel's) outrun.\n"
                   "Same-size read: the compiled read (the better of its two kernels) over the engine's own bytes per "
                   "token, cycled, per repetition: the ceiling for a working set that size, which the caches may "

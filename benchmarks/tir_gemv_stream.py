@@ -35,7 +35,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--prefetch", default="0,4096",
-                    help="comma-separated prefetch distances in bytes to compare (first = base; 0 = no software prefetch)")
+                    help="comma-separated prefetch distances in bytes (first = base; 0 = no software prefetch)")
     args = ap.parse_args()
     distances = [int(x) for x in args.prefetch.split(",")]
     os.environ["TVM_NUM_THREADS"] = str(args.threads)

@@ -104,35 +104,56 @@ def test_matches_reference(case):
         np.testing.assert_allclose(Y.numpy(), ref, rtol=0, atol=tol * max(1.0, np.abs(ref).max()), err_msg=f"M={M}")
 
 
-@pytest.mark.parametrize("M", [2, 7, MAX_M], ids=lambda m: f"M{m}")
-def test_any_pool_size_computes_every_tile_once(M):
+_POOL_SCRIPT = """
+import sys
+import numpy as np
+import tvm
+from twophase.kernels.tir.qgemv_a8 import QGemvA8Spec, pack, prim_func
+from twophase.kernels.tir.qmatmul_int8 import Isa
+isa, target, out = Isa(sys.argv[1]), sys.argv[2], sys.argv[3]
+arrays = {}
+for n in (20, 40, 300):  # 1 tile, 2, 10 (the last with a tail)
+    spec = QGemvA8Spec(4, 96, n, 32, zero=8)
+    rng = np.random.default_rng(n)
+    codes = rng.integers(0, 16, (spec.K, n)).astype(np.uint8)
+    scale = (rng.random((spec.weights.G, n)) * 0.02 + 1e-3).astype(np.float32)
+    packed = [tvm.runtime.tensor(a) for a in pack(spec, codes, scale)]
+    fn = tvm.compile(prim_func(spec, name="qgemv", isa=isa), target=tvm.target.Target(target))["qgemv"]
+    for M in (2, 7, 16):
+        X = rng.standard_normal((M, spec.K)).astype(np.float32)
+        Y = tvm.runtime.tensor(np.full((M, n), np.nan, np.float32))
+        fn(tvm.runtime.tensor(X), *packed, Y)
+        arrays[f"n{n}_m{M}"], arrays[f"x{n}_m{M}"], arrays[f"c{n}"], arrays[f"s{n}"] = Y.numpy(), X, codes, scale
+np.savez(out, **arrays)
+"""
+
+
+def test_any_pool_size_computes_every_tile_once(tmp_path):
     """The parallel loop's first item holds LEAD_TILES + 1 tiles: with pools of 1, 2 and 3 threads (so ranges
     of items that start and end anywhere) and 1, 2 or 10 tiles, Y is the reference, bit for bit the same.
-    M = 7 and 16: rows in groups of ROW_GROUP per tile (and a remainder)."""
+    M = 2, 7 and 16: rows in groups of ROW_GROUP per tile (and a remainder). TVM sizes its pool once, from
+    TVM_NUM_THREADS (config_threadpool cannot grow it), so each pool size runs in a process of its own."""
+    import json
+    import subprocess
+    import sys
+
     isa, target = VARIANTS[-1]
-    pool = tvm.get_global_func("runtime.config_threadpool")
-    specs = [QGemvA8Spec(4, 96, n, 32, zero=8) for n in (20, 40, 300)]  # 1 tile, 2, 10 (the last with a tail)
-    try:
-        for sp in specs:
-            rng = np.random.default_rng(sp.N)
-            codes, scale, _ = _weights(sp, rng)
-            packed = [tvm.runtime.tensor(a) for a in pack(sp, codes, scale)]
-            fn = _kernel(sp, isa, target)["qgemv"]
-            X = rng.standard_normal((M, sp.K)).astype(np.float32)
-            ref = reference(sp, X, codes, scale)
-            outs = []
-            for threads in (1, 2, 3):
-                pool(1, threads)
-                Y = tvm.runtime.tensor(np.full((M, sp.N), np.nan, np.float32))
-                fn(tvm.runtime.tensor(X), *packed, Y)
-                outs.append(Y.numpy())
-                np.testing.assert_allclose(outs[-1], ref, rtol=0, atol=1e-5 * np.abs(ref).max(),
-                                           err_msg=f"N={sp.N}, {threads} threads")
-            for out in outs[1:]:
-                np.testing.assert_array_equal(out, outs[0])
-    finally:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-        pool(1, int(os.environ.get("TVM_NUM_THREADS", "0")) or cores)  # the pool as TVM starts it
+    outs = []
+    for threads in (1, 2, 3):
+        out = tmp_path / f"pool{threads}.npz"
+        env = {**os.environ, "TVM_NUM_THREADS": str(threads)}
+        proc = subprocess.run([sys.executable, "-c", _POOL_SCRIPT, isa.value, json.dumps(dict(target)),
+                               str(out)], env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        outs.append(dict(np.load(out)))
+    for n in (20, 40, 300):
+        spec = QGemvA8Spec(4, 96, n, 32, zero=8)
+        for M in (2, 7, MAX_M):
+            key = f"n{n}_m{M}"
+            ref = reference(spec, outs[0][f"x{n}_m{M}"], outs[0][f"c{n}"], outs[0][f"s{n}"])
+            np.testing.assert_allclose(outs[0][key], ref, rtol=0, atol=1e-5 * np.abs(ref).max(), err_msg=key)
+            for other in outs[1:]:
+                np.testing.assert_array_equal(other[key], outs[0][key], err_msg=key)
 
 
 def test_each_row_as_alone():

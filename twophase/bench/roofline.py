@@ -4,10 +4,10 @@
   contiguous slice per Python thread, all threads released together (ufuncs drop the GIL).
 - `measure_bandwidth_ort`: the same kind of number from ONNX Runtime ops (Mul by a scalar, Add,
   ReduceSum over rows) on float32 tensors at `intra_op_num_threads=threads`.
-- `measure_read_tvm` / `TvmRead`: the read as compiled code streams it, on TVM's thread pool (Apache TVM installed): XOR of
-  64-byte vectors, with and without software prefetches. numpy's sum leaves the streaming to the hardware
-  prefetcher, which stops at every 4 KiB page; on the Intel Xeon VM this was measured on, compiled code that
-  also prefetches reads ~1.2x as fast, and a decode roofline from numpy's read alone is no ceiling there.
+- `measure_read_tvm` / `TvmRead`: the read as compiled code streams it, on TVM's thread pool (Apache TVM
+  installed): XOR of 64-byte vectors, with and without software prefetches. numpy's sum leaves the streaming
+  to the hardware prefetcher, which stops at every 4 KiB page; on the Intel Xeon VM this was measured on,
+  compiled code reads ~1.1-1.2x as fast, and a decode roofline from numpy's read alone is no ceiling there.
 - `measure_gemm_peak`: achieved rate of a constant-weight ORT MatMul (fp32) and MatMulInteger (u8 x s8).
 - `decode_bytes_per_token`, `roofline_tokens_per_s`: the bytes one decode token must stream, and the
   tokens per second a given bandwidth allows.
@@ -419,8 +419,9 @@ class TvmRead:
     `read_prefetch` (the same with software prefetches READ_PREFETCH_BYTES ahead), each parallel item a 1 MiB
     chunk read as READ_SUBSTREAMS interleaved streams. Built once (two small compiles, the array); `measure`
     as often as needed. `cache_ok`: an array that fits the last-level cache is what is wanted (a read of a decode
-    step's own footprint, cycled), so no warning that it measures cache. Needs Apache TVM (twophase[tvm]) with a thread pool of at least `threads` (TVM sizes it
-    once, from TVM_NUM_THREADS, else half the CPUs); a measurement runs `threads` of them, then all again."""
+    step's own footprint, cycled), so no warning that it measures cache. Needs Apache TVM (twophase[tvm]) whose
+    thread pool runs `threads` threads: TVM sizes it once, from TVM_NUM_THREADS (else half the CPUs), and
+    runtime.config_threadpool does not resize it."""
 
     def __init__(self, threads: int = 2, size_mb: int | None = None, cache_ok: bool = False) -> None:
         threads, array_mib, _ = _check_bandwidth_args(threads, size_mb, 1, warn_cache=not cache_ok)
@@ -428,9 +429,9 @@ class TvmRead:
             import tvm
         except ImportError as e:
             raise RuntimeError("the compiled read needs Apache TVM: pip install 'twophase[tvm]'") from e
-        self.pool_size = tvm.runtime.num_threads()
-        if self.pool_size < threads:
-            raise RuntimeError(f"TVM's thread pool has {self.pool_size} threads, fewer than threads={threads}: set "
+        pool = tvm.runtime.num_threads()
+        if pool != threads:
+            raise RuntimeError(f"TVM's thread pool runs {pool} threads, not threads={threads}: set "
                                f"TVM_NUM_THREADS={threads} before TVM starts its pool")
         self.threads = threads
         self.chunks = max(threads, array_mib // READ_CHUNK_MIB)
@@ -438,9 +439,9 @@ class TvmRead:
         target = tvm.target.Target({"kind": "llvm", "mcpu": str(tvm.target.codegen.llvm_get_system_cpu())})
         self._data = tvm.runtime.tensor(np.ones((self.chunks, READ_SUBSTREAMS, lines, 64), np.uint8))
         self._sink = tvm.runtime.tensor(np.zeros((self.chunks, 64), np.uint8))
+        kernels = ((StreamKernel.READ, 0), (StreamKernel.READ_PREFETCH, READ_PREFETCH_BYTES))
         self._fns = {kernel: tvm.compile(_read_kernel(self.chunks, lines, distance), target=target)["read"]
-                     for kernel, distance in ((StreamKernel.READ, 0), (StreamKernel.READ_PREFETCH, READ_PREFETCH_BYTES))}
-        self._pool = tvm.get_global_func("runtime.config_threadpool")
+                     for kernel, distance in kernels}
 
     def _timed(self, fn) -> float:
         t0 = time.perf_counter()
@@ -449,12 +450,8 @@ class TvmRead:
 
     def measure(self, reps: int = 5) -> BandwidthResult:
         _check_positive(reps=reps)
-        self._pool(1, self.threads)
-        try:
-            runs = {kernel: (lambda fn=fn: self._timed(fn)) for kernel, fn in self._fns.items()}
-            times, share = _cpu_share(self.threads, lambda: _interleaved_times(runs, reps))
-        finally:
-            self._pool(1, self.pool_size)
+        runs = {kernel: (lambda fn=fn: self._timed(fn)) for kernel, fn in self._fns.items()}
+        times, share = _cpu_share(self.threads, lambda: _interleaved_times(runs, reps))
         nbytes = self.chunks * READ_CHUNK_MIB * MIB
         return BandwidthResult(
             source=BandwidthSource.TVM,
