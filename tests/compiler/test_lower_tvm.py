@@ -300,3 +300,28 @@ def test_int8_cache_forms_it_cannot_run_are_refused(canonical_onnx, attr: str, v
     proto, _ = graph_for_import(model)
     with pytest.raises(UnsupportedModelError, match=r"int8 one with per-channel scales.*not k/v quant types"):
         import_relax(proto)
+
+
+def test_prefetch_entry(monkeypatch):
+    """TWOPHASE_TVM_PREFETCH: "auto" (default) takes the probe's verdict, a distance is taken as given (nothing
+    measured), anything else is refused by name."""
+    from twophase.compiler import lower_tvm
+    from twophase.compiler.errors import TwophaseError
+    from twophase.kernels.tir.qgemv_a8 import PrefetchProbe
+
+    calls = []
+    monkeypatch.setattr(lower_tvm, "_probe_prefetch", lambda t: calls.append(t) or PrefetchProbe(4096, 1.41, 15))
+    target = {"kind": "llvm", "mcpu": "znver4"}
+    monkeypatch.delenv(lower_tvm.PREFETCH_ENV, raising=False)
+    assert lower_tvm.prefetch_entry(target) == {"prefetch_bytes": 4096, "prefetch_speedup": 1.41}
+    monkeypatch.setenv(lower_tvm.PREFETCH_ENV, "auto")
+    lower_tvm.prefetch_entry(target)
+    assert len(calls) == 2
+    for value, want in (("0", 0), (" 2048 ", 2048)):
+        monkeypatch.setenv(lower_tvm.PREFETCH_ENV, value)
+        assert lower_tvm.prefetch_entry(target) == {"prefetch_bytes": want, "prefetch_speedup": None}
+    assert len(calls) == 2
+    for bad in ("-64", "4k", ""):
+        monkeypatch.setenv(lower_tvm.PREFETCH_ENV, bad)
+        with pytest.raises(TwophaseError, match="TWOPHASE_TVM_PREFETCH must be 'auto' or a distance in bytes"):
+            lower_tvm.prefetch_entry(target)

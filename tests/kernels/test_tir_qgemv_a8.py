@@ -20,7 +20,6 @@ from twophase.kernels.tir.qgemv_a8 import (
     PREFETCH_BYTES,
     QGemvA8Spec,
     pack,
-    prefetch_bytes_for,
     prim_func,
     quantize_rows,
     reference,
@@ -208,17 +207,19 @@ def test_prefetch_changes_no_bit(spec: QGemvA8Spec):
     assert count[1] > count[0], count
 
 
-def test_prefetch_bytes_for_targets():
-    """Software prefetch on Intel cores (measured 1.4x there), none on AMD's (measured slower on Zen 4), on
-    generic x86 targets (the core unknown) and off x86."""
-    intel = ["rocketlake", "sapphirerapids", "icelake-server", "skylake-avx512", "alderlake"]
-    for mcpu in intel:
-        assert prefetch_bytes_for({"kind": "llvm", "mcpu": mcpu}) == PREFETCH_BYTES, mcpu
-    for mcpu in ["znver3", "znver4", "znver5", "x86-64-v3", "generic"]:
-        assert prefetch_bytes_for({"kind": "llvm", "mcpu": mcpu}) == 0, mcpu
-    assert prefetch_bytes_for({"kind": "llvm"}) == 0
-    assert prefetch_bytes_for({"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": "neoverse-v1"}) == 0
-    assert PREFETCH_BYTES > 0
+def test_probe_prefetch_measures_and_decides(monkeypatch):
+    """probe_prefetch times both builds in paired passes and turns prefetching on exactly from PROBE_MIN_SPEEDUP:
+    with the threshold below any speedup it picks PREFETCH_BYTES, above any it picks none."""
+    from twophase.kernels.tir import qgemv_a8
+
+    isa, target = VARIANTS[-1]
+    monkeypatch.setattr(qgemv_a8, "PROBE_MIB", 2)
+    monkeypatch.setattr(qgemv_a8, "PROBE_ROUNDS", 3)
+    monkeypatch.setattr(qgemv_a8, "PROBE_MIN_SPEEDUP", 0.0)
+    on = qgemv_a8.probe_prefetch(dict(target), isa)
+    assert on.prefetch_bytes == PREFETCH_BYTES and on.rounds == 3 and on.speedup > 0
+    monkeypatch.setattr(qgemv_a8, "PROBE_MIN_SPEEDUP", 1e9)
+    assert qgemv_a8.probe_prefetch(dict(target), isa).prefetch_bytes == 0
 
 
 def test_prefetch_bytes_out_of_range():

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from twophase.compiler.driver import compile_model
+from twophase.kernels.tir.qgemv_a8 import PREFETCH_BYTES
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError, UnsupportedModelError
 from twophase.compiler.options import Backend, CompileOptions, KVDtype, PhaseOptions, QuantScheme
 from twophase.runtime import backend_tvm
@@ -47,6 +48,8 @@ def test_artifact_layout(artifacts):
         entry = manifest["phases"][phase]
         assert entry["backend"] == "tvm" and entry["graph"] == f"{phase}.so" and entry["params"] == f"{phase}.params.json"
         assert entry["target"]["tvm_target"]["kind"] == "llvm"
+        # the probe's verdict (lower_tvm.prefetch_entry): PREFETCH_BYTES or none, and what it measured
+        assert entry["target"]["prefetch_bytes"] in (0, PREFETCH_BYTES) and entry["target"]["prefetch_speedup"] > 0
         assert (root / entry["graph"]).is_file()
     assert manifest["kv_cache"]["binding"] == "bound"
     assert not list(root.glob("*.onnx"))
@@ -132,16 +135,20 @@ def test_int8_kv_cache_matches_ort(tiny_hf_dir, tmp_path: Path):
         assert diff.max() <= 1 and np.count_nonzero(diff) <= diff.size // 1000
 
 
-def test_batched_int8_gemv_rows_as_alone(tiny_hf_dir, tmp_path: Path):
+def test_batched_int8_gemv_rows_as_alone(tiny_hf_dir, tmp_path: Path, monkeypatch):
     """Accuracy level 4 (int8 activations in the decode GEMV, up to 16 rows): 9 rows of different lengths
     (row groups of 4, 4 and 1 in each tile) decode together as each does alone: the same greedy tokens, and,
     with each row prefilled alone into its slot, decode logits equal to float rounding (the attention splits
-    its keys differently by batch; the GEMV rows are bit for bit, tests/kernels/test_tir_qgemv_a8.py)."""
+    its keys differently by batch; the GEMV rows are bit for bit, tests/kernels/test_tir_qgemv_a8.py).
+    Built with software prefetches (TWOPHASE_TVM_PREFETCH), whatever the probe would find on this machine."""
+    monkeypatch.setenv("TWOPHASE_TVM_PREFETCH", "4096")
     hf_dir, _ = tiny_hf_dir("gqa16")
     level4 = PhaseOptions(QuantScheme.W4A16, accuracy_level=4)
     engine = Engine.load(compile_model(str(hf_dir), tmp_path / "tvm", CompileOptions(
         backend=Backend.TVM, prefill=level4, decode=level4, max_len=96)), threads=2)
     assert b"qgemv_a8" in (tmp_path / "tvm" / "decode.so").read_bytes()  # the int8-activation GEMV kernels
+    target = json.loads((tmp_path / "tvm" / "manifest.json").read_text())["phases"]["decode"]["target"]
+    assert (target["prefetch_bytes"], target["prefetch_speedup"]) == (4096, None)
     rng = np.random.default_rng(4)
     prompts = [list(rng.integers(3, 97, n)) for n in (3, 9, 5, 14, 1, 7, 11, 2, 6)]
     rows = engine.generate_batch_ids(prompts, max_new_tokens=10)

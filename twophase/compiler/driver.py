@@ -56,9 +56,10 @@ def compile_model(
         raise ArtifactError(f"{out_dir} already exists; choose another output directory or pass --force")
     target = None
     if options.backend is Backend.TVM:
-        from twophase.compiler.lower_tvm import host_target
+        from twophase.compiler.lower_tvm import host_target, prefetch_entry
 
         target = host_target(options.device.value)  # fails early when TVM is missing
+        target |= prefetch_entry(target["tvm_target"])
 
     t0 = time.perf_counter()
     step("load / export canonical graph")

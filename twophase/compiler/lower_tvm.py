@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 
 SIZE_THRESHOLD = 1024  # bytes: larger initializers are function parameters (weights.bin), smaller constants
 PREFILL_GEMV_ROWS = 4  # the prefill library's int8 GEMV row limit (`gemv_rows_for`)
+PREFETCH_ENV = "TWOPHASE_TVM_PREFETCH"  # "auto" (default: measured, `prefetch_entry`) or a distance in bytes (0: none)
 # linked into every phase library: the runtime's native replay of a recorded decode step (runtime/backend_tvm.py)
 STEP_REPLAY_SOURCE = Path(__file__).resolve().parent.parent / "runtime" / "native" / "step_replay.cc"
 
@@ -99,6 +100,36 @@ def host_target(device: str = "cpu") -> dict:
             "cpu_flags": cpu_flags()}
 
 
+def prefetch_entry(tvm_target: dict) -> dict:
+    """The target entry's software prefetch setting for the int8 GEMV and the attention kernels:
+    {"prefetch_bytes": distance (0: none), "prefetch_speedup": the probe's measured speedup, or None where
+    TWOPHASE_TVM_PREFETCH set the distance}. Whether prefetches pay differs between machines of one CPU vendor
+    (qgemv_a8.PREFETCH_BYTES), so by default it is measured here, once per process (qgemv_a8.probe_prefetch)."""
+    value = os.environ.get(PREFETCH_ENV, "auto").strip()
+    if value == "auto":
+        probe = _probe_prefetch(json.dumps(tvm_target, sort_keys=True))
+        return {"prefetch_bytes": probe.prefetch_bytes, "prefetch_speedup": probe.speedup}
+    try:
+        distance = int(value)
+    except ValueError:
+        distance = -1
+    if distance < 0:
+        raise TwophaseError(f"{PREFETCH_ENV} must be 'auto' or a distance in bytes >= 0, got {value!r}")
+    return {"prefetch_bytes": distance, "prefetch_speedup": None}
+
+
+@functools.cache
+def _probe_prefetch(tvm_target: str):
+    from twophase.kernels.tir.qgemv_a8 import probe_prefetch
+    from twophase.kernels.tir.qmatmul_int8 import isa_for_target
+
+    target = json.loads(tvm_target)
+    probe = probe_prefetch(target, isa_for_target(target))
+    log.info("software prefetch probe: %.3fx with %d B ahead -> %d B", probe.speedup, probe.prefetch_bytes or 0,
+             probe.prefetch_bytes)
+    return probe
+
+
 @dataclasses.dataclass(frozen=True)
 class LoweredTVMPhase:
     library: str  # {phase}.so
@@ -124,7 +155,8 @@ def lower_phases(
             inputs = tuple(tensor_spec(v) for v in model.graph.inputs)
             outputs = tuple(tensor_spec(v) for v in model.graph.outputs)
             proto, params = graph_for_import(model)
-            mod = import_relax(proto, target, gemv_rows=gemv_rows_for(phase))
+            mod = import_relax(proto, target, gemv_rows=gemv_rows_for(phase),
+                               prefetch=int(target_entry.get("prefetch_bytes", 0)))
             executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
             library = f"{phase}.so"
             executable.export_library(str(out_dir / library), addons=[str(STEP_REPLAY_SOURCE)])
@@ -164,18 +196,18 @@ def gemv_rows_for(phase: str) -> int:
     return qgemv_a8.MAX_M if phase == "decode" else PREFILL_GEMV_ROWS
 
 
-def import_relax(proto, target: dict | None = None, gemv_rows: int | None = None) -> object:
+def import_relax(proto, target: dict | None = None, gemv_rows: int | None = None, prefetch: int = 0) -> object:
     """TVM's ONNX importer with twophase's converters for the nodes it does not know; `target` (default:
     this machine's) picks the kernel variants that depend on SIMD features; `gemv_rows` (default
-    qgemv_a8.MAX_M): rows up to which a QMatMul with int8 activations runs the GEMV (`gemv_rows_for`)."""
+    qgemv_a8.MAX_M): rows up to which a QMatMul with int8 activations runs the GEMV (`gemv_rows_for`);
+    `prefetch`: the int8 GEMV's and the attention's software prefetch distance (`prefetch_entry`; 0: none)."""
     from tvm.relax.frontend.onnx import from_onnx
 
-    from twophase.kernels.tir.qgemv_a8 import prefetch_bytes_for
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = target if target is not None else host_target()["tvm_target"]
     isa = isa_for_target(target)
-    with _converters(isa, gemv_rows, prefetch_bytes_for(target)), warnings.catch_warnings():
+    with _converters(isa, gemv_rows, prefetch), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Renaming name", category=UserWarning)  # dots -> underscores
         try:
             return from_onnx(proto, keep_params_in_input=False, sanitize_input_names=True)
@@ -215,7 +247,7 @@ def relax_pipeline(target: dict):
 def _converters(isa, gemv_rows: int | None = None, prefetch: int = 0) -> Iterator[None]:
     """Register QMatMul, QMatMulA8, QGather and GroupQueryAttention converters with the ONNX importer while
     it runs; `isa` (qmatmul_int8.Isa) is the integer kernels' variant, `gemv_rows` the int8 GEMV's row limit,
-    `prefetch` the software prefetch distance of the int8 GEMV and the attention (qgemv_a8.prefetch_bytes_for)."""
+    `prefetch` the software prefetch distance of the int8 GEMV and the attention (`prefetch_entry`)."""
     from tvm.relax.frontend.onnx import onnx_frontend as frontend
 
     original = frontend._get_convert_map

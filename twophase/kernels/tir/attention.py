@@ -31,10 +31,10 @@ states. About two tasks per thread is best: each thread then streams long contig
 that is cold in a decode step (SmolLM2 at 2 threads: split_tasks 4 instead of 16 gave 1.04-1.05x decode
 tok/s end to end; lower_tvm passes twice the compile host's core count). Dot products are 8-lane FMA vectors over D, reduced horizontally; exp is a vectorized Cephes
 polynomial (about 1 ulp); softcap's tanh is scalar.
-With `prefetch_bytes` (lower_tvm passes qgemv_a8.prefetch_bytes_for the target: Intel cores), a task requests its
-first K and V rows of that many bytes at its start, then each K row and V row that far ahead of the one it reads
-(SmolLM2 w4a16 decode on an Intel Xeon VM, 2 threads: 13.4 -> 9.8 us per layer at context 136, 1.04x tok/s end
-to end, paired; on AMD Zen 4 K/V prefetches had made decode slower).
+With `prefetch_bytes` (lower_tvm passes the GEMV's, nonzero where its probe measured that prefetches pay), a
+decode task requests its first K and V rows of that many bytes at its start, then each K row and V row that far
+ahead of the one it reads (a prefill task's query rows would each request them again: SmolLM2 prefill 0.92x) (SmolLM2 w4a16 decode on an Intel Xeon VM, 2 threads: 13.4 -> 9.8 us per layer at context
+136, 1.04x tok/s end to end, paired; on AMD Zen 4 and an earlier Intel VM K/V prefetches had made decode slower).
 Inconsistent lengths cannot write or read out of bounds: positions are checked against C and L.
 """
 
@@ -176,7 +176,7 @@ def gqa_prim_func(
                     acc_o[r * G + g, d] = T.float32(0)
                 m[r * G + g] = T.float32(_NEG)
                 l[r * G + g] = T.float32(0)
-        if AH > 0:  # the task's first rows, before the steady prefetches below run AH rows ahead
+        if AH > 0 and BQ == 1:  # the task's first rows, before the steady prefetches below run AH rows ahead
             prefetch_rows(KC, ix[_B], h, ix[_KB0] * _BK, AH)
             prefetch_rows(VC, ix[_B], h, ix[_KB0] * _BK, AH)
         for kb in T.serial(ix[_KB0], ix[_KB1]):
@@ -190,7 +190,7 @@ def gqa_prim_func(
                     # scores, 8 keys at a time: 8-lane partial dots for the G heads (each K row loaded once), then
                     # one shuffle-add tree per head turns the 8 keys' partial vectors into their 8 scores
                     for j8 in T.serial(ix[_NK] // _VL):
-                        if AH > 0:
+                        if AH > 0 and BQ == 1:
                             prefetch_rows(KC, ix[_B], h, ix[_J0] + j8 * _VL + AH, _VL)
                         for jj in T.unroll(_VL):
                             for g in T.unroll(G):
@@ -253,7 +253,7 @@ def gqa_prim_func(
                             acc_o[r * G + g, d] = acc_o[r * G + g, d] * sc[3]
                     # P @ V: the V row loaded once for the G heads
                     for jj in T.serial(ix[_NK]):
-                        if AH > 0:
+                        if AH > 0 and BQ == 1:
                             prefetch_rows(VC, ix[_B], h, ix[_J0] + jj + AH, 1)
                         for g in T.unroll(G):
                             for d in T.vectorized(D):

@@ -39,8 +39,8 @@ parallel loop's first item is LEAD_TILES + 1 tiles, the others one: the pool giv
 range of items, so the calling thread, which starts while the pool's workers are still waking up, streams
 LEAD_TILES more, whatever the pool's size. Each tile first requests the lines of the quantized activations
 (written by the calling thread, so in another core's cache for the pool's workers). W and its scales stream
-through software prefetches `prefetch_bytes` ahead where `prefetch_bytes_for` measured them to pay (Intel cores),
-through the hardware prefetcher alone elsewhere (AMD Zen: module constants below).
+through software prefetches `prefetch_bytes` ahead where they pay (`probe_prefetch` measures it on the compiling
+machine: PREFETCH_BYTES below), through the hardware prefetcher alone elsewhere.
 """
 
 from __future__ import annotations
@@ -60,14 +60,15 @@ MAX_M = 16  # rows up to which the int8 GEMV runs; above it qmatmul's float GEMM
 ROW_GROUP = 4  # rows whose accumulators a tile keeps in registers at once (R x 32 int32 + R x 32 float)
 XB_CHANNEL = 32  # activation block for per-channel weights (and weight blocks over 256)
 # software prefetch distance in W (bytes ahead in each thread's stream of codes; the scales and offsets go the same
-# number of K rows ahead), by CPU (`prefetch_bytes_for`). SmolLM2 decode GEMVs from DRAM, 2 threads, paired
-# (benchmarks/tir_gemv_stream.py): on an Intel Xeon VM (LLVM: rocketlake, AVX512-VNNI) 4096 B runs 1.40-1.45x as
-# fast as none (2048 B 1.5x slower than 4096, 8192 and 16384 B the same within noise; with the scales also
-# prefetched 1.2x over the codes alone), ~35 GB/s against the ~28 GB/s numpy read; on AMD Zen 4 none ran 1.14x
-# as fast as 512 B (end to end 1.04x tok/s), so Zen cores stream W through the hardware prefetcher alone
+# number of K rows ahead) where `probe_prefetch` finds it pays on the compiling machine. It is machine-specific:
+# SmolLM2 decode GEMVs from DRAM, 2 threads, paired (benchmarks/tir_gemv_stream.py): on an Intel Xeon VM (LLVM:
+# rocketlake, AVX512-VNNI, 480 MiB host L3) 4096 B runs 1.40-1.45x as fast as none (2-16 KiB within noise of
+# each other), ~35 GB/s against the ~28 GB/s numpy read; on AMD Zen 4 none ran 1.14x as fast as 512 B, and on an
+# earlier Intel Xeon VM 1-4 KiB ran 0.92-0.95x (README)
 PREFETCH_BYTES = 4096
-_NO_PREFETCH_CPUS = ("znver", "bdver", "btver", "amdfam", "barcelona", "athlon", "opteron", "k8", "generic",
-                     "x86-64")  # AMD cores (measured on Zen 4) and generic targets (the actual core unknown)
+PROBE_MIB = 64  # weights the probe streams per pass: beyond L2, like a decode step's
+PROBE_ROUNDS = 15  # paired passes, in alternating order
+PROBE_MIN_SPEEDUP = 1.05  # the median paired speedup from which the probe turns prefetching on
 # extra tiles of the calling thread's range (module doc): the pool's workers start about 1 us after it (TVM's
 # pool, 2 threads: 0.75-1.1 us), a tile's stream at decode shapes (576 x 32 int4: 11.5 KB). SmolLM2 decode
 # GEMVs from DRAM, 2 threads, paired: 1 tile 1.08x over none, 2: 1.05x, 3: 1.06x
@@ -77,16 +78,52 @@ AL = 16  # lanes of the vectorized absmax
 _VL = {Isa.AVX512_VNNI: 16, Isa.AVX512: 16, Isa.AVX2: 8, Isa.GENERIC: 8}  # int32 lanes per vector
 
 
-def prefetch_bytes_for(target) -> int:
-    """The software prefetch distance in W for the LLVM target (a Target or its dict): PREFETCH_BYTES on x86
-    cores other than AMD's, 0 (none) on AMD cores, generic x86 targets and other architectures."""
+@dataclasses.dataclass(frozen=True)
+class PrefetchProbe:
+    """What `probe_prefetch` measured: the distance it chose (0: none) and the median paired speedup of
+    PREFETCH_BYTES over none (time without / time with)."""
+
+    prefetch_bytes: int
+    speedup: float
+    rounds: int
+
+
+def probe_prefetch(target: dict, isa: Isa) -> PrefetchProbe:
+    """Whether software prefetches of W pay on this machine, measured: an int4 (block 32) 1024 x 1024 GEMV over
+    PROBE_MIB MiB of weight copies, one row, built with and without them for `target` (this machine's: the
+    probe runs here), PROBE_ROUNDS paired passes on TVM's thread pool as it is. PREFETCH_BYTES when the median
+    speedup is at least PROBE_MIN_SPEEDUP, else 0. A few seconds (two small compiles)."""
+    import statistics
+    import time
+
     import tvm
 
-    t = target if isinstance(target, tvm.target.Target) else tvm.target.Target(target)
-    if str(t.kind.name) != "llvm" or "x86" not in str(t.attrs.get("mtriple", "x86_64")):
-        return 0
-    mcpu = str(t.attrs.get("mcpu", "") or "generic")
-    return 0 if mcpu.startswith(_NO_PREFETCH_CPUS) else PREFETCH_BYTES
+    spec = QGemvA8Spec(4, 1024, 1024, 32, zero=8)
+    rng = np.random.default_rng(0)
+    arrays = pack(spec, rng.integers(0, 16, (spec.K, spec.N)).astype(np.uint8),
+                  (rng.random((spec.weights.G, spec.N)) * 0.01 + 1e-3).astype(np.float32))
+    copies = max(2, PROBE_MIB * (1 << 20) // sum(a.nbytes for a in arrays))
+    weights = [[tvm.runtime.tensor(a) for a in arrays] for _ in range(copies)]
+    x = tvm.runtime.tensor(rng.standard_normal((1, spec.K)).astype(np.float32))
+    y = tvm.runtime.tensor(np.zeros((1, spec.N), np.float32))
+    fns = {d: tvm.compile(prim_func(spec, name="probe", isa=isa, prefetch_bytes=d), target=tvm.target.Target(target))[
+        "probe"] for d in (0, PREFETCH_BYTES)}
+
+    def seconds(fn) -> float:
+        t0 = time.perf_counter()
+        for w in weights:
+            fn(x, *w, y)
+        return time.perf_counter() - t0
+
+    for fn in fns.values():  # warm-up
+        seconds(fn)
+    ratios = []
+    for r in range(PROBE_ROUNDS):
+        order = (0, PREFETCH_BYTES) if r % 2 == 0 else (PREFETCH_BYTES, 0)
+        t = {d: seconds(fns[d]) for d in order}
+        ratios.append(t[0] / t[PREFETCH_BYTES])
+    speedup = statistics.median(ratios)
+    return PrefetchProbe(PREFETCH_BYTES if speedup >= PROBE_MIN_SPEEDUP else 0, round(speedup, 3), PROBE_ROUNDS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,7 +215,7 @@ def prim_func(spec: QGemvA8Spec, name: str | None = None, isa: Isa = Isa.GENERIC
     qmatmul's float GEMM; 1 <= max_rows <= MAX_M). With a `fusion` (kernels/tir/fusion.py): its gamma before the
     arrays, its residual R [M, N] before Y.
     rank=3: X, R, Y are [B, T, .] instead (M = B * T).
-    prefetch_bytes: software prefetch distance in W (0: none; `prefetch_bytes_for` the target's)."""
+    prefetch_bytes: software prefetch distance in W (0: none; `probe_prefetch` picks it for a machine)."""
     if not 1 <= max_rows <= MAX_M:
         raise ValueError(f"max_rows must be in 1..{MAX_M}, got {max_rows}")
     if prefetch_bytes < 0:
