@@ -12,13 +12,15 @@ import numpy as np
 import pytest
 
 from twophase.compiler.driver import compile_model
-from twophase.kernels.tir.qgemv_a8 import PREFETCH_BYTES
 from twophase.compiler.errors import ArtifactError, ContextLengthError, TwophaseError, UnsupportedModelError
+from twophase.compiler.inspect import inspect_artifact
 from twophase.compiler.options import Backend, CompileOptions, KVDtype, PhaseOptions, QuantScheme
 from twophase.runtime import backend_tvm
 from twophase.runtime.engine import Engine
 
 pytest.importorskip("tvm")
+
+from twophase.kernels.tir.qgemv_a8 import PREFETCH_BYTES  # noqa: E402
 
 W4 = PhaseOptions(QuantScheme.W4A16, accuracy_level=1)  # ORT level 1: float activations, as TVM's kernels
 
@@ -51,6 +53,7 @@ def test_artifact_layout(artifacts):
         # the probe's verdict (lower_tvm.prefetch_entry): PREFETCH_BYTES or none, and what it measured
         assert entry["target"]["prefetch_bytes"] in (0, PREFETCH_BYTES) and entry["target"]["prefetch_speedup"] > 0
         assert (root / entry["graph"]).is_file()
+    assert "(the probe measured " in inspect_artifact(root)["text"]
     assert manifest["kv_cache"]["binding"] == "bound"
     assert not list(root.glob("*.onnx"))
     # both phases read the same w4a16 weights: one copy in weights.bin
@@ -149,6 +152,8 @@ def test_batched_int8_gemv_rows_as_alone(tiny_hf_dir, tmp_path: Path, monkeypatc
     assert b"qgemv_a8" in (tmp_path / "tvm" / "decode.so").read_bytes()  # the int8-activation GEMV kernels
     target = json.loads((tmp_path / "tvm" / "manifest.json").read_text())["phases"]["decode"]["target"]
     assert (target["prefetch_bytes"], target["prefetch_speedup"]) == (4096, None)
+    assert "software prefetch: 4096 B ahead (set by TWOPHASE_TVM_PREFETCH)" in inspect_artifact(tmp_path / "tvm")[
+        "text"]
     rng = np.random.default_rng(4)
     prompts = [list(rng.integers(3, 97, n)) for n in (3, 9, 5, 14, 1, 7, 11, 2, 6)]
     rows = engine.generate_batch_ids(prompts, max_new_tokens=10)

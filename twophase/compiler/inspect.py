@@ -82,6 +82,10 @@ def inspect_artifact(directory: str | Path) -> dict[str, Any]:
             target = (entry.target or {}).get("tvm_target", {})
             lines.append(f"  TVM library for {target.get('kind')} {target.get('mcpu', '')}; weight parameters: "
                          + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
+            if "prefetch_bytes" in (entry.target or {}):
+                distance, speedup = entry.target["prefetch_bytes"], entry.target.get("prefetch_speedup")
+                how = f"the probe measured {speedup:.2f}x" if speedup is not None else "set by TWOPHASE_TVM_PREFETCH"
+                lines.append(f"  software prefetch: {f'{distance} B ahead' if distance else 'none'} ({how})")
         else:
             lines.append(f"  nodes {sum(ops.values())}: " + ", ".join(f"{op} {n}" for op, n in ops.most_common()))
         lines.append("  weights: " + ", ".join(f"{dt} {b / 1e6:.1f} MB" for dt, b in sorted(weights.items())))
