@@ -120,12 +120,12 @@ def prefetch_entry(tvm_target: dict) -> dict:
 
 @functools.cache
 def _probe_prefetch(tvm_target: str):
-    from twophase.kernels.tir.qgemv_a8 import probe_prefetch
+    from twophase.kernels.tir.qgemv_a8 import PREFETCH_BYTES, probe_prefetch
     from twophase.kernels.tir.qmatmul_int8 import isa_for_target
 
     target = json.loads(tvm_target)
     probe = probe_prefetch(target, isa_for_target(target))
-    log.info("software prefetch probe: %.3fx with %d B ahead -> %d B", probe.speedup, probe.prefetch_bytes or 0,
+    log.info("software prefetch probe: %.3fx with %d B ahead; building with %d B", probe.speedup, PREFETCH_BYTES,
              probe.prefetch_bytes)
     return probe
 

@@ -33,8 +33,9 @@ tok/s end to end; lower_tvm passes twice the compile host's core count). Dot pro
 polynomial (about 1 ulp); softcap's tanh is scalar.
 With `prefetch_bytes` (lower_tvm passes the GEMV's, nonzero where its probe measured that prefetches pay), a
 decode task requests its first K and V rows of that many bytes at its start, then each K row and V row that far
-ahead of the one it reads (a prefill task's query rows would each request them again: SmolLM2 prefill 0.92x) (SmolLM2 w4a16 decode on an Intel Xeon VM, 2 threads: 13.4 -> 9.8 us per layer at context
-136, 1.04x tok/s end to end, paired; on AMD Zen 4 and an earlier Intel VM K/V prefetches had made decode slower).
+ahead of the one it reads: SmolLM2 w4a16 decode on an Intel Xeon VM, 2 threads, 13.4 -> 9.8 us per layer at
+context 136, 1.04x tok/s end to end, paired (on AMD Zen 4 and an earlier Intel VM K/V prefetches had made decode
+slower). Prefill tasks do not: each of their query rows would request the rows again (SmolLM2 prefill 0.92x).
 Inconsistent lengths cannot write or read out of bounds: positions are checked against C and L.
 """
 
