@@ -5,6 +5,7 @@ options fail with errors that name the problem."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -195,6 +196,38 @@ def test_truncated_weights(artifacts, tmp_path: Path):
         f.truncate(100)
     with pytest.raises(ArtifactError, match="outside weights.bin"):
         Engine.load(bad, verify=False)
+
+
+_POOL_SCRIPT = """
+import logging, sys
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+import tvm
+if sys.argv[1] == "started":
+    tvm.runtime.num_threads()  # TVM starts its pool here, at TVM_NUM_THREADS=1
+from twophase.runtime.backend_tvm import _tvm
+_tvm(2)
+print("pool", tvm.runtime.num_threads())
+"""
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs 2 cores")
+def test_threads_after_tvm_started_its_pool_are_named():
+    """Loading with threads=2 where TVM already runs a pool of 1 thread warns that 2 does not take effect (TVM
+    sizes its pool once per process); as the first use of TVM it takes effect, without a warning."""
+    import subprocess
+    import sys
+
+    def run(mode: str) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+        if mode == "started":
+            env["TVM_NUM_THREADS"] = "1"
+        return subprocess.run([sys.executable, "-c", _POOL_SCRIPT, mode], env=env, capture_output=True, text=True,
+                              timeout=120)
+
+    started, fresh = run("started"), run("fresh")
+    assert started.returncode == 0 and fresh.returncode == 0, started.stderr[-2000:] + fresh.stderr[-2000:]
+    assert "pool 1" in started.stdout and "runs 1 threads, not the 2 asked for" in started.stderr
+    assert "pool 2" in fresh.stdout and "asked for" not in fresh.stderr
 
 
 def test_missing_cpu_features(artifacts, tmp_path: Path):
