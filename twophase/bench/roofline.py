@@ -4,7 +4,7 @@
   contiguous slice per Python thread, all threads released together (ufuncs drop the GIL).
 - `measure_bandwidth_ort`: the same kind of number from ONNX Runtime ops (Mul by a scalar, Add,
   ReduceSum over rows) on float32 tensors at `intra_op_num_threads=threads`.
-- `measure_read_tvm` / `TvmRead`: the read as compiled code streams it, on TVM's thread pool (Apache TVM
+- `TvmRead`: the read as compiled code streams it, on TVM's thread pool (Apache TVM
   installed): XOR of 64-byte vectors, with and without software prefetches. numpy's sum leaves the streaming
   to the hardware prefetcher, which stops at every 4 KiB page; on the Intel Xeon VM this was measured on,
   compiled code reads ~1.1-1.2x as fast, and a decode roofline from numpy's read alone is no ceiling there.
@@ -65,7 +65,7 @@ class StreamKernel(Enum):
     ADD = "add"  # c = a + b
     TRIAD = "triad"  # a = b + s * c
     READ = "read"  # sum(a): not a STREAM kernel; the access pattern of decode's weight reads
-    READ_PREFETCH = "read_prefetch"  # compiled read with software prefetches (measure_read_tvm)
+    READ_PREFETCH = "read_prefetch"  # compiled read with software prefetches (TvmRead)
 
     @property
     def arrays(self) -> int:
@@ -462,11 +462,6 @@ class TvmRead:
             kernels=tuple(_kernel_bandwidth(k, nbytes, ts) for k, ts in times.items()),
             cpu_share=share,
         )
-
-
-def measure_read_tvm(threads: int = 2, size_mb: int | None = None, reps: int = 5) -> BandwidthResult:
-    """`TvmRead(threads, size_mb).measure(reps)`: the compiled read, once."""
-    return TvmRead(threads, size_mb).measure(reps)
 
 
 def _read_kernel(chunks: int, lines: int, prefetch_bytes: int):

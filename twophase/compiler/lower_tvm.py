@@ -395,8 +395,14 @@ def _qgather_converter(frontend, kernels: dict):
 def attention_split_tasks() -> int:
     """The attention kernel's split_tasks: two tasks per core this process may run on (the library is built
     for the host CPU; kernels/tir/attention.py explains the choice)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 8)
-    return 2 * max(1, cores)
+    return 2 * usable_cores()
+
+
+def usable_cores() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 def _gqa_converter(frontend, kernels: dict, prefetch: int = 0):

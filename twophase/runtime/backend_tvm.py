@@ -63,9 +63,10 @@ def _tvm(threads: int | None = None):
             raise TwophaseError(f"threads must be a positive integer, got {threads!r}")
         os.environ["TVM_NUM_THREADS"] = str(threads)
         tvm.get_global_func("runtime.config_threadpool")(1, threads)
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or threads)
+        from twophase.compiler.lower_tvm import usable_cores
+
         running = tvm.runtime.num_threads()
-        if running < min(threads, cores):  # TVM sized its pool before this (config_threadpool cannot grow it)
+        if running < min(threads, usable_cores()):  # TVM sized its pool before this (config_threadpool cannot grow it)
             log.warning("TVM's thread pool in this process runs %d threads, not the %d asked for: TVM sizes it once "
                         "per process, from TVM_NUM_THREADS at its first use; load the artifact in a new process "
                         "(or set TVM_NUM_THREADS=%d before anything uses TVM)", running, threads, threads)
