@@ -23,21 +23,25 @@ over the N-token prompt. Decode: tokens/s over --decode-steps greedy steps after
 default MatMulNBits accuracy_level 4) and runs one artifact per scheme and backend, and adds a table of
 the TVM / ORT ratios per scheme (time per decode token and prefill throughput) and the TVM build times.
 
---roofline measures a STREAM-style read bandwidth with the same thread count (twophase.bench.roofline)
-once per repetition, just before that repetition's runs (the machine's bandwidth drifts with its
-neighbours), and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights
-once + the K/V of the mean context) and the fraction of bandwidth / bytes-per-token that the measured
-decode rate reaches: the median over repetitions of each repetition's decode rate against its own
-bandwidth, and the range of those per-repetition fractions (on a machine whose bandwidth swings between
-two levels within seconds, the range shows how much the median owes to which level each reading caught).
-With more than one thread it also reads with one thread in each repetition and reports the fractions per level:
-repetitions whose N-thread read scaled past the 1-thread read (>= (1 + N) / 2 times it) and those where it did not
-(`print_levels`). Where Apache TVM is installed it also reads with compiled code (`TvmRead`: with and without
-software prefetches) and reports the fraction against the best of all these reads per repetition: numpy's sum
-leaves the streaming to the hardware prefetcher, and where compiled code reads faster (Intel Xeon VM: ~1.2x), the
-numpy read is no ceiling. And against a compiled read of each engine's own bytes per token, cycled (the same-size
-read): where the last-level cache holds part of a working set that size from one token to the next (Intel Xeon VM
-with a 480 MiB host L3: 96 MiB cycled read ~1.6x as fast as 960 MiB), that is the ceiling the decode has.
+--roofline measures a STREAM-style read bandwidth with the same thread count (numpy's sum;
+twophase.bench.roofline) just before and just after each decode run (`ReadProbe`, the median of 3 passes each,
+after a pause of SETTLE_S = 0.2 s in which the engines' thread pools stop polling for work),
+and reports, per engine with an ONNX decode graph, the bytes a decode step reads (weights once + the K/V of the
+mean context) and the fraction of bandwidth / bytes-per-token that the measured decode rate reaches: the median
+over the runs of each run's decode rate against the mean of its two bracketing reads, and the range of those
+fractions. A shared VM's read moves between levels within a second (AMD EPYC VM, back-to-back 256 MiB reads at
+2 threads: 54, 50, 52, then 30-35 GB/s), so a read taken seconds before a run says little about the bandwidth
+the run had; the bracketing reads are taken a fraction of a second from it. The fraction against the read of
+the whole repetition (`measure_bandwidth`, before all of its runs; the previous definition) is reported next
+to it. With more than one thread it also reads with one thread in each repetition and reports the fractions per
+level (`print_levels`): runs whose two bracketing N-thread reads both scaled past the 1-thread read (>= (1 + N)
+/ 2 times it), runs where neither did, and how many changed level during the run. Where Apache TVM is
+installed it also reads with compiled code (`TvmRead`: with and without software prefetches) and reports the
+fraction against the best of the repetition's reads: numpy's sum leaves the streaming to the hardware
+prefetcher, and where compiled code reads faster (Intel Xeon VM: ~1.2x), the numpy read is no ceiling. And
+against a compiled read of each engine's own bytes per token, cycled (the same-size read): where the last-level
+cache holds part of a working set that size from one token to the next (Intel Xeon VM with a 480 MiB host L3:
+96 MiB cycled read ~1.6x as fast as 960 MiB), that is the ceiling the decode has.
 --batches measures decode throughput (tokens/s summed over the rows) of each twophase
 artifact at those batch sizes (rows are different 128-token prompts).
 """
@@ -165,20 +169,14 @@ class LlamaCppRunner:
 
 def decode_graph_bytes(runner) -> tuple[int, int] | None:
     """(weight bytes a decode step streams, K/V bytes per cached position) of a runner, if it has an ONNX graph."""
-    from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position
+    from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position, phase_bytes
 
     if isinstance(runner, TwophaseRunner):
         e = runner.engine
         f = e.facts
         itemsize = np.dtype(e.manifest.kv_cache["dtype"]).itemsize
         kv = kv_bytes_per_position(f.num_layers, f.num_kv_heads, f.head_dim, itemsize)
-        entry = e.manifest.phases["decode"]
-        if entry.params is not None:  # TVM: the parameters' index; an embedding table reads one row per token
-            import json
-
-            params = json.loads((e.root / entry.params).read_text())["params"]
-            return sum(p["length"] for p in params if ".table.tvm" not in p["name"]), kv
-        return graph_bytes(e.decode_phase.graph_path).streamed, kv
+        return phase_bytes(e.root, e.manifest.phases["decode"]).streamed, kv  # ONNX graph or TVM parameter index
     if isinstance(runner, GenaiRunner):
         import json
 
@@ -186,6 +184,18 @@ def decode_graph_bytes(runner) -> tuple[int, int] | None:
         return graph_bytes(runner.model_dir / cfg["filename"]).streamed, kv_bytes_per_position(
             cfg["num_hidden_layers"], cfg["num_key_value_heads"], cfg["head_size"], 4)
     return None
+
+
+BRACKET_PASSES = 3  # reads of the probe just before and just after each decode run (median)
+# pause before each of those reads, so that the engines' thread pools have stopped waiting for work: ORT's spinning
+# threads and TVM's sched_yield() polling after a parallel call share the cores with the read otherwise (AMD EPYC VM:
+# 2-thread reads right after an ORT decode run measured ~27 GB/s, ~30 after a 50 ms pause)
+SETTLE_S = 0.2
+
+
+def bracket_read(probe) -> float:
+    time.sleep(SETTLE_S)
+    return probe.gbs(BRACKET_PASSES)
 
 
 def backend_artifacts(model: str, backends: list[str], schemes: list[str]) -> list[Path]:
@@ -235,29 +245,38 @@ def compiled_read(threads: int):
         return None
 
 
-def print_levels(bandwidths: list[tuple], by_level: list[tuple[str, list[float]]], threads: int) -> None:
-    """The roofline fractions split by whether a repetition's N-thread read scaled past one thread's.
+def print_levels(solos: list[float], by_level: list[tuple[str, list[float], list[tuple[float, float]]]],
+                 threads: int) -> None:
+    """The roofline fractions split by whether the N-thread read around a decode run scaled past one thread's.
 
     On a shared VM the N-thread read can sit at about one thread's rate (the threads share one path to memory)
-    or at about N times it (each has its own); one thread's read barely moves. The decode rate does not follow
-    the N-thread level one for one (each thread must then stream near its solo rate while also computing), so
-    a fraction depends on which level its repetition caught: it is reported per level. A repetition counts as
-    scaled when its N-thread read is at least (1 + N) / 2 times its one-thread read.
+    or at about N times it (each has its own), switching within a second; one thread's read barely moves. The
+    decode rate does not follow the N-thread level one for one (each thread must then stream near its solo rate
+    while also computing), so a fraction depends on which level its run caught: it is reported per level. A run
+    counts as scaled when both of its bracketing N-thread reads are at least (1 + N) / 2 times its repetition's
+    one-thread read (`solos`, one per repetition), as shared when both are below, and as mixed otherwise (the level
+    changed during the run: left out of both).
     """
-    ratios = [b[0] / b[3] for b in bandwidths]
     cut = (1 + threads) / 2
-    scaled = [x >= cut for x in ratios]
-    solos = [b[3] for b in bandwidths]
+
+    def level(pair: tuple[float, float], solo: float) -> str:
+        up = [g >= cut * solo for g in pair]
+        return "scaled" if all(up) else "shared" if not any(up) else "mixed"
+
+    levels = {name: [level(pair, solos[i]) for i, pair in enumerate(pairs)] for name, _, pairs in by_level}
+    ratios = [g / solos[i] for _, _, pairs in by_level for i, pair in enumerate(pairs) for g in pair]
+    counts = {x: sum(ls.count(x) for ls in levels.values()) for x in ("scaled", "shared", "mixed")}
     print(f"\nBy bandwidth level: the 1-thread read measured {statistics.median(solos):.1f} GB/s "
-          f"({min(solos):.1f}-{max(solos):.1f}); the {threads}-thread read was {min(ratios):.2f}-{max(ratios):.2f}x "
-          f"of it. Scaled: repetitions where it was >= {cut:.1f}x ({sum(scaled)} of {len(scaled)}); the fraction is "
-          f"the median over that level's repetitions\n")
-    print("| engine | fraction, scaled | fraction, not scaled |")
+          f"({min(solos):.1f}-{max(solos):.1f}); the {threads}-thread reads around the decode runs were "
+          f"{min(ratios):.2f}-{max(ratios):.2f}x of it. Scaled: runs whose two reads were both >= {cut:.1f}x "
+          f"({counts['scaled']}), shared: both below ({counts['shared']}), mixed: left out ({counts['mixed']}); the "
+          "fraction is the median over that level's runs\n")
+    print("| engine | fraction, scaled | fraction, shared |")
     print("|---|---|---|")
-    for name, fractions in by_level:
+    for name, fractions, _ in by_level:
         cells = []
-        for level in (True, False):
-            xs = [f for f, s in zip(fractions, scaled) if s == level]
+        for want in ("scaled", "shared"):
+            xs = [f for f, x in zip(fractions, levels[name]) if x == want]
             cells.append(f"{statistics.median(xs):.0%} ({min(xs):.0%}-{max(xs):.0%}, n={len(xs)})" if xs else "-")
         print(f"| {name} | " + " | ".join(cells) + " |")
 
@@ -322,6 +341,13 @@ def main(argv: list[str] | None = None) -> int:
 
     times: dict[tuple[str, str], list[float]] = {}
     bandwidths = []  # --roofline: read bandwidth measured in each repetition, just before its runs
+    # --roofline: the same read, quick, just before and just after each decode run: (before, after) per run
+    probe = None
+    if args.roofline:
+        from twophase.bench.roofline import ReadProbe
+
+        probe = ReadProbe(args.threads)
+    brackets: dict[str, list[tuple[float, float]]] = {}
     compiled = compiled_read(args.threads) if args.roofline else None
     best_reads = []  # --roofline: the best of the numpy and compiled reads, per repetition
     context = 128 + args.decode_steps // 2  # the mean context of a decode run
@@ -352,7 +378,10 @@ def main(argv: list[str] | None = None) -> int:
         for r in runners if rep % 2 == 0 else runners[::-1]:  # alternating order: position effects cancel
             for n in lengths:
                 times.setdefault((r.name, f"prefill {n}"), []).append(n / r.prefill(prompts[n]))
+            before = bracket_read(probe) if probe is not None else 0.0
             times.setdefault((r.name, "decode @128"), []).append(args.decode_steps / r.decode(prompts[128], args.decode_steps))
+            if probe is not None:
+                brackets.setdefault(r.name, []).append((before, bracket_read(probe)))
 
     def paired(a: list[float], b: list[float]) -> float:  # median of the per-repetition ratios
         return statistics.median(x / y for x, y in zip(a, b))
@@ -378,11 +407,15 @@ def main(argv: list[str] | None = None) -> int:
 
         reads = [b[0] for b in bandwidths]
         read = statistics.median(reads)
-        print(f"\nDecode roofline: STREAM-style read bandwidth {read:.1f} GB/s (median of one measurement per "
-              f"repetition, {min(reads):.1f}-{max(reads):.1f}; {args.threads} threads, {bandwidths[0][2]} MiB arrays, "
-              f"cpu share {statistics.median(b[1] for b in bandwidths):.2f}); bytes per token = decode weights + K/V "
-              f"of {context} positions. fraction = median over repetitions of measured / roofline at that "
-              "repetition's bandwidth\n")
+        around = [(a + b) / 2 for runs in brackets.values() for a, b in runs]
+        print(f"\nDecode roofline: STREAM-style read bandwidth (numpy's sum, {args.threads} threads, "
+              f"{bandwidths[0][2]} MiB arrays) measured just before and just after each decode run (the median of "
+              f"{BRACKET_PASSES} passes each, after a pause of {SETTLE_S} s): {statistics.median(around):.1f} GB/s ({min(around):.1f}-{max(around):.1f}"
+              f"; mean of the two per run); once per repetition, before all its runs: {read:.1f} GB/s "
+              f"({min(reads):.1f}-{max(reads):.1f}, cpu share {statistics.median(b[1] for b in bandwidths):.2f}). "
+              f"Bytes per token = decode weights + K/V of {context} positions. fraction = median over the runs "
+              "of measured / roofline at the mean of the run's two bracketing reads; then the same against the "
+              "repetition's read\n")
         by_level: list[tuple[str, list[float]]] = []
         if compiled is not None:
             print(f"Best read: the best of that read and a compiled one ({compiled.threads} TVM threads, 1 MiB chunks "
@@ -394,8 +427,8 @@ def main(argv: list[str] | None = None) -> int:
                   "partly hold from one token to the next (they do on a VM with a large host L3); " +
                   ", ".join(f"{mib} MiB {statistics.median(v):.1f} GB/s ({min(v):.1f}-{max(v):.1f})"
                             for mib, v in sorted(footprint_reads.items())) + "\n")
-        print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction | per repetition | "
-              "fraction of the best read | fraction of a same-size read |")
+        print("| engine | weights MB | KV MB/token | roofline tok/s | measured tok/s | fraction (per run) | "
+              "fraction of the repetition's read | fraction of the best read | fraction of a same-size read |")
         print("|---|---|---|---|---|---|---|---|---|")
         for r in runners:
             sizes = decode_graph_bytes(r)
@@ -403,6 +436,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             per_token = decode_bytes_per_token(sizes[0], sizes[1], context)
             runs = times[(r.name, "decode @128")]
+            bracketed = [t / roofline_tokens_per_s(per_token, (a + b) / 2) for t, (a, b) in zip(runs, brackets[r.name])]
             fractions = [t / roofline_tokens_per_s(per_token, g) for t, g in zip(runs, reads)]
             best = [t / roofline_tokens_per_s(per_token, g) for t, g in zip(runs, best_reads)]
             cells = ["-", "-"]
@@ -411,12 +445,13 @@ def main(argv: list[str] | None = None) -> int:
                         for t, g in zip(runs, footprint_reads[footprint_mib[r.name]])]
                 cells = [f"{statistics.median(x):.0%} ({min(x):.0%}-{max(x):.0%})" for x in (best, same)]
             print(f"| {r.name} | {sizes[0] / 1e6:.1f} | {sizes[1] * context / 1e6:.2f} | "
-                  f"{roofline_tokens_per_s(per_token, read):.0f} | {statistics.median(runs):.1f} | "
-                  f"{statistics.median(fractions):.0%} | {min(fractions):.0%}-{max(fractions):.0%} | "
+                  f"{roofline_tokens_per_s(per_token, statistics.median(around)):.0f} | {statistics.median(runs):.1f} | "
+                  f"**{statistics.median(bracketed):.0%}** ({min(bracketed):.0%}-{max(bracketed):.0%}) | "
+                  f"{statistics.median(fractions):.0%} ({min(fractions):.0%}-{max(fractions):.0%}) | "
                   + " | ".join(cells) + " |")
-            by_level.append((r.name, fractions))
+            by_level.append((r.name, bracketed, brackets[r.name]))
         if args.threads > 1:
-            print_levels(bandwidths, by_level, args.threads)
+            print_levels([b[3] for b in bandwidths], by_level, args.threads)
 
     if backends:
         print("\nBackends side by side (same run): TVM / ORT per scheme; decode = time per token at context 128 "

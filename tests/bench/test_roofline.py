@@ -181,3 +181,20 @@ def test_compiled_read():
     assert json.loads(json.dumps(result.to_dict()))["kernels"].keys() == {"read", "read_prefetch"}
     with pytest.raises(RuntimeError, match=rf"runs {pool} threads, not threads={pool + 1}: set TVM_NUM_THREADS="):
         TvmRead(threads=pool + 1, size_mb=2 * pool + 2)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_read_probe(threads):
+    """ReadProbe: each thread owns one slice of the array (together all of it, touched once), a read is the median
+    of its passes in GB/s, and bad arguments are refused by name."""
+    from twophase.bench.roofline import ReadProbe
+
+    probe = ReadProbe(threads=threads, size_mb=4)
+    assert probe.array_mib == 4 and probe._a.nbytes == 4 * MIB
+    assert probe._bounds[0][0] == 0 and probe._bounds[-1][1] == probe._a.size and len(probe._bounds) == threads
+    assert (probe._a == 1.0).all()
+    assert all(math.isfinite(probe.gbs(p)) and probe.gbs(p) > 0 for p in (1, 3))
+    with pytest.raises(ValueError, match="passes must be >= 1"):
+        probe.gbs(0)
+    with pytest.raises(ValueError, match="size_mb=1 is too small for threads=2"):
+        ReadProbe(threads=2, size_mb=1)

@@ -61,6 +61,30 @@ def test_artifact_layout(artifacts):
     # both phases read the same w4a16 weights: one copy in weights.bin
     idx = [json.loads((root / f"{p}.params.json").read_text())["params"] for p in ("prefill", "decode")]
     assert {e["offset"] for e in idx[0]} == {e["offset"] for e in idx[1]}
+    # what a step reads by row, not whole, is marked (benchmarks/phases.py counts a decode step's bytes without it):
+    # the quantized embedding table with its scales (QGather), and the rotary cos / sin tables
+    rows = {e["name"] for e in idx[1] if e.get("rows")}
+    assert rows and all(".table.tvm" in n or "cos" in n or "sin" in n for n in rows), rows
+    assert any(".table.tvm" in n for n in rows) and any("cos" in n for n in rows)
+    assert not any(".table.tvm" in e["name"] for e in idx[1] if not e.get("rows"))
+
+
+def test_bench_roofline_counts_a_tvm_phase(artifacts):
+    """`twophase bench --roofline` on a TVM artifact: its decode bytes come from the parameter index (the tables read
+    by row left out, as the ORT graph's Gathers are), and its prefill, a compiled library with no graph to count
+    MACs from, gets no bound instead of an error."""
+    from twophase.bench.model_bytes import phase_bytes
+    from twophase.bench.runner import BenchConfig, run_bench
+
+    tvm, ort = (Engine.load(artifacts[b], threads=1) for b in ("tvm", "ort"))
+    ours, theirs = (phase_bytes(e.root, e.manifest.phases["decode"]) for e in (tvm, ort))
+    assert ours.gathered > 0 and theirs.gathered > 0
+    assert ours.streamed == pytest.approx(theirs.streamed, rel=0.1)  # the same w4a16 weights, packed differently
+    result = run_bench([artifacts["tvm"]], BenchConfig(batches=(1,), contexts=(8,), reps=1, decode_steps=2,
+                                                      threads=1, roofline=True))
+    rows = {r.phase: r for r in result.rows}
+    assert rows["decode"].bytes_per_token > ours.streamed and rows["decode"].bound_tok_s > 0
+    assert rows["prefill"].bound_tok_s is None and rows["prefill"].roofline_fraction is None
 
 
 def _chunked_logits(engine: Engine, decode_steps: int) -> np.ndarray:

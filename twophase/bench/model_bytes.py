@@ -1,17 +1,21 @@
 """Bytes a decode step reads: the weights of an ONNX graph, counted from its initializers.
 
 Every initializer counts once (a decode step reads each weight once, whatever the batch), except
-tables read by row (the embedding through a Gather, GroupQueryAttention's rotary cos/sin caches). External data counts
+tables read by row (the embedding through a Gather or the TVM backend's QGather, GroupQueryAttention's rotary
+cos/sin caches). The TVM backend marks such parameters in its `{phase}.params.json` ("rows": true) from the same
+rule (`row_read_names`). External data counts
 by its stored length, so the numbers are those of the file the runtime maps.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 GATHER_OPS = frozenset({"Gather", "GatherBlockQuantized", "GatherND", "GatherElements"})
 ROTARY_INPUTS = (7, 8)  # GroupQueryAttention's cos/sin caches: one row per position is read
+QGATHER_IDS = 1  # twophase.tvm.QGather (TVM backend): every input but the ids (table, scales, offsets) is read by row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,23 +40,50 @@ def _nbytes(init) -> int:
     return int(np.asarray(numpy_helper.to_array(init)).nbytes)
 
 
+def row_read_names(nodes: Iterable[tuple[str, Sequence[str]]]) -> set[str]:
+    """Names of the values that the nodes (op type, input names) read only by row (module doc)."""
+    rows: set[str] = set()
+    other: set[str] = set()
+    for op_type, inputs in nodes:
+        for i, name in enumerate(inputs):
+            by_row = ((op_type in GATHER_OPS and i == 0) or (op_type == "GroupQueryAttention" and i in ROTARY_INPUTS)
+                      or (op_type == "QGather" and i != QGATHER_IDS))
+            (rows if by_row else other).add(name)
+    return rows - other
+
+
+def params_bytes(path: str | Path) -> GraphBytes:
+    """Parameter bytes of a TVM phase from its `{phase}.params.json`, split as `graph_bytes` splits a graph's: the
+    entries marked "rows" are gathered (in artifacts built before that mark: the quantized tables, ".table.tvm")."""
+    import json
+
+    streamed = gathered = 0
+    for p in json.loads(Path(path).read_text())["params"]:
+        if p.get("rows") or ".table.tvm" in p["name"]:
+            gathered += int(p["length"])
+        else:
+            streamed += int(p["length"])
+    return GraphBytes(streamed, gathered)
+
+
+def phase_bytes(root: str | Path, entry) -> GraphBytes:
+    """`graph_bytes` of an artifact's phase (a manifest phase entry under `root`): its ONNX graph, or a TVM phase's
+    parameter index."""
+    if getattr(entry, "params", None):
+        return params_bytes(Path(root) / entry.params)
+    return graph_bytes(Path(root) / entry.graph)
+
+
 def graph_bytes(path: str | Path) -> GraphBytes:
     """Initializer bytes of the graph at `path`, split into streamed and gathered (module doc)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
-    gathered_names: set[str] = set()
-    other_readers: set[str] = set()
-    for node in model.graph.node:
-        for i, name in enumerate(node.input):
-            if (node.op_type in GATHER_OPS and i == 0) or (node.op_type == "GroupQueryAttention" and i in ROTARY_INPUTS):
-                gathered_names.add(name)
-            else:
-                other_readers.add(name)
+    gathered_names = row_read_names((node.op_type, node.input) for node in model.graph.node)
     streamed = gathered = 0
     for init in model.graph.initializer:
         n = _nbytes(init)
-        if init.name in gathered_names and init.name not in other_readers:
+        if init.name in gathered_names:
             gathered += n
         else:
             streamed += n

@@ -8,6 +8,8 @@
   installed): XOR of 64-byte vectors, with and without software prefetches. numpy's sum leaves the streaming
   to the hardware prefetcher, which stops at every 4 KiB page; on the Intel Xeon VM this was measured on,
   compiled code reads ~1.1-1.2x as fast, and a decode roofline from numpy's read alone is no ceiling there.
+- `ReadProbe`: that read alone over a preallocated array, quick enough to bracket each decode run (the
+  bandwidth of a shared VM moves within a second).
 - `measure_gemm_peak`: achieved rate of a constant-weight ORT MatMul (fp32) and MatMulInteger (u8 x s8).
 - `decode_bytes_per_token`, `roofline_tokens_per_s`: the bytes one decode token must stream, and the
   tokens per second a given bandwidth allows.
@@ -406,6 +408,36 @@ def measure_bandwidth_ort(threads: int = 2, size_mb: int | None = None, reps: in
         kernels=tuple(_kernel_bandwidth(k, stream_bytes(k, n, 4), ts) for k, ts in times.items()),
         cpu_share=share,
     )
+
+
+class ReadProbe:
+    """`measure_bandwidth`'s read (numpy's sum over one contiguous slice per thread) as a quick probe, to bracket a
+    short measurement with the bandwidth of the moments around it: on a shared VM the read can move between levels
+    within a second, so a read taken seconds before a decode run says little about the bandwidth that run had.
+
+    One float64 array of `size_mb` MiB (None: `default_array_mib()`), touched by its threads once here; `gbs(passes)`
+    is the median GB/s of `passes` reads in a row (each a few tens of milliseconds at the default size)."""
+
+    def __init__(self, threads: int = 2, size_mb: int | None = None) -> None:
+        threads, array_mib, _ = _check_bandwidth_args(threads, size_mb, 1)
+        self.threads = threads
+        self.array_mib = array_mib
+        self._a = np.empty(array_mib * MIB // 8, dtype=np.float64)
+        self._bounds = _split(self._a.size, threads)
+        _timed_parallel(threads, self._touch)
+
+    def _touch(self, i: int) -> None:
+        lo, hi = self._bounds[i]
+        self._a[lo:hi] = 1.0
+
+    def _read(self, i: int) -> None:
+        lo, hi = self._bounds[i]
+        np.add.reduce(self._a[lo:hi])
+
+    def gbs(self, passes: int = 3) -> float:
+        _check_positive(passes=passes)
+        seconds = sorted(_timed_parallel(self.threads, self._read) for _ in range(passes))
+        return self._a.nbytes / seconds[len(seconds) // 2] / 1e9
 
 
 READ_CHUNK_MIB = 1  # the compiled read's parallel item: each thread streams a contiguous range of these

@@ -16,7 +16,9 @@ Speedups are against the baseline of the same model measured in the same run: th
 phases are both fp32 (else the first artifact of that model). With `roofline=True` the machine's
 read bandwidth and fp32 / int8 GEMM peaks are measured too (twophase.bench.roofline) and each row
 gets its bound: decode from the bytes a step streams (weights once + each row's K/V), prefill from
-the multiply-adds per token and the GEMM peak of its scheme (int8 for w8a8, fp32 otherwise).
+the multiply-adds per token and the GEMM peak of its scheme (int8 for w8a8, fp32 otherwise). A TVM
+phase's bytes come from its parameter index; its prefill, a compiled library with no graph to count
+multiply-adds from, gets no bound.
 """
 
 from __future__ import annotations
@@ -214,7 +216,7 @@ def _speedups(rows: list[BenchRow], subjects: list[_Subject]) -> None:
 
 
 def _roofline(rows: list[BenchRow], subjects: list[_Subject], config: BenchConfig) -> dict[str, Any]:
-    from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position, matmul_macs
+    from twophase.bench.model_bytes import kv_bytes_per_position, matmul_macs, phase_bytes
     from twophase.bench.roofline import StreamKernel, measure_bandwidth, measure_gemm_peak
 
     bw = measure_bandwidth(config.threads)
@@ -225,8 +227,10 @@ def _roofline(rows: list[BenchRow], subjects: list[_Subject], config: BenchConfi
     for s in subjects:
         e, f = s.engine, s.engine.facts
         info[s.label] = {
-            "decode_weight_bytes": graph_bytes(e.decode_phase.graph_path).streamed,
-            "prefill_macs": matmul_macs(e.prefill_phase.graph_path, exclude_n=f.vocab_size),
+            "decode_weight_bytes": phase_bytes(e.root, e.manifest.phases["decode"]).streamed,
+            # a TVM phase is a compiled library: no graph to count its MACs from (its prefill rows get no bound)
+            "prefill_macs": (None if e.manifest.phases["prefill"].params else
+                             matmul_macs(e.prefill_phase.graph_path, exclude_n=f.vocab_size)),
             "kv_bytes": kv_bytes_per_position(f.num_layers, f.num_kv_heads, f.head_dim,
                                               np.dtype(e.manifest.kv_cache["dtype"]).itemsize),
             "attn_dim": f.num_layers * (f.num_heads or f.num_kv_heads) * f.head_dim,
@@ -236,7 +240,7 @@ def _roofline(rows: list[BenchRow], subjects: list[_Subject], config: BenchConfi
         if r.phase == "decode":
             r.bytes_per_token = (i["decode_weight_bytes"] + r.batch * r.context * i["kv_bytes"]) / r.batch
             r.bound_tok_s = read * 1e9 / r.bytes_per_token
-        else:
+        elif i["prefill_macs"] is not None:
             # projections + attention (QK^T and PV over a causal context: C/2 keys on average)
             r.macs_per_token = i["prefill_macs"] + 2 * i["attn_dim"] * r.context / 2
             peak = peaks["int8" if r.prefill_scheme == "w8a8" else "fp32"]

@@ -143,6 +143,8 @@ def lower_phases(
     models: dict[str, ir.Model], out_dir: Path, target_entry: dict
 ) -> tuple[dict[str, LoweredTVMPhase], WeightsStats]:
     """Build `{phase}.so` and `{phase}.params.json` for each model, and the shared weights.bin, in `out_dir`."""
+    from twophase.bench.model_bytes import row_read_names  # the rule benchmarks count a step's bytes by
+
     tvm = require_tvm()
     target = target_entry["tvm_target"]
     out_dir = Path(out_dir)
@@ -160,7 +162,9 @@ def lower_phases(
             executable = tvm.compile(mod, target=tvm.target.Target(target), relax_pipeline=relax_pipeline(target))
             library = f"{phase}.so"
             executable.export_library(str(out_dir / library), addons=[str(STEP_REPLAY_SOURCE)])
-            index = [_write_param(name, array, weights, written, stats) for name, array in params]
+            by_row = row_read_names((n.op_type, [v.name if v is not None else "" for v in n.inputs])
+                                    for n in model.graph.all_nodes())
+            index = [_write_param(name, array, weights, written, stats, name in by_row) for name, array in params]
             params_file = f"{phase}.params.json"
             (out_dir / params_file).write_text(json.dumps({"weights": WEIGHTS_FILE, "params": index}, indent=1))
             seconds = time.perf_counter() - start
@@ -463,6 +467,8 @@ def _gqa_converter(frontend, kernels: dict, prefetch: int = 0):
 # --- weights ----------------------------------------------------------------------------------------
 
 
-def _write_param(name: str, array: np.ndarray, weights, written: dict, stats: WeightsStats) -> dict:
+def _write_param(name: str, array: np.ndarray, weights, written: dict, stats: WeightsStats, rows: bool) -> dict:
+    """The parameter's index entry; `rows`: a step reads it by row (an embedding table, rotary tables), not whole."""
     offset, length = write_blob(f"{array.dtype}|{array.shape}", array.tobytes(), weights, written, stats)
-    return {"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "length": length}
+    entry = {"name": name, "dtype": array.dtype.name, "shape": list(array.shape), "offset": offset, "length": length}
+    return entry | {"rows": True} if rows else entry
