@@ -67,6 +67,7 @@ def test_artifact_layout(artifacts):
     assert rows and all(".table.tvm" in n or "cos" in n or "sin" in n for n in rows), rows
     assert any(".table.tvm" in n for n in rows) and any("cos" in n for n in rows)
     assert not any(".table.tvm" in e["name"] for e in idx[1] if not e.get("rows"))
+    assert inspect_artifact(root)["phases"]["decode"]["ops"]["table read by row"] == len(rows)
 
 
 def test_bench_roofline_counts_a_tvm_phase(artifacts):

@@ -52,14 +52,20 @@ def row_read_names(nodes: Iterable[tuple[str, Sequence[str]]]) -> set[str]:
     return rows - other
 
 
+def read_by_row(param: dict) -> bool:
+    """Whether a step reads the TVM parameter (an entry of `{phase}.params.json`) by row: marked "rows", or in
+    artifacts built before that mark, a quantized table (".table.tvm")."""
+    return bool(param.get("rows")) or ".table.tvm" in param["name"]
+
+
 def params_bytes(path: str | Path) -> GraphBytes:
     """Parameter bytes of a TVM phase from its `{phase}.params.json`, split as `graph_bytes` splits a graph's: the
-    entries marked "rows" are gathered (in artifacts built before that mark: the quantized tables, ".table.tvm")."""
+    entries `read_by_row` are gathered."""
     import json
 
     streamed = gathered = 0
     for p in json.loads(Path(path).read_text())["params"]:
-        if p.get("rows") or ".table.tvm" in p["name"]:
+        if read_by_row(p):
             gathered += int(p["length"])
         else:
             streamed += int(p["length"])

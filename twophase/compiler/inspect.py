@@ -17,12 +17,14 @@ def _fmt_shape(shape) -> str:
 
 def _tvm_phase_summary(directory: Path, entry) -> tuple[Counter, dict[str, int]]:
     """(parameter count by kernel kind, weight bytes by dtype) of a TVM phase, from its parameter index."""
+    from twophase.bench.model_bytes import read_by_row
+
     path = directory / (entry.params or "")
     try:
         params = json.loads(path.read_text())["params"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ArtifactError(f"{path}: cannot read the TVM parameter index ({e})") from e
-    kinds: Counter = Counter("embedding table" if ".table.tvm" in p["name"] else "matmul/other" for p in params)
+    kinds: Counter = Counter("table read by row" if read_by_row(p) else "matmul/other" for p in params)
     weights: dict[str, int] = {}
     for p in params:
         weights[p["dtype"]] = weights.get(p["dtype"], 0) + int(p["length"])
