@@ -168,7 +168,8 @@ class LlamaCppRunner:
 
 
 def decode_graph_bytes(runner) -> tuple[int, int] | None:
-    """(weight bytes a decode step streams, K/V bytes per cached position) of a runner, if it has an ONNX graph."""
+    """(weight bytes a decode step streams, K/V bytes per cached position) of a runner, if it has a decode graph
+    (ONNX) or a TVM parameter index."""
     from twophase.bench.model_bytes import graph_bytes, kv_bytes_per_position, phase_bytes
 
     if isinstance(runner, TwophaseRunner):

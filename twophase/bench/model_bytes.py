@@ -3,8 +3,8 @@
 Every initializer counts once (a decode step reads each weight once, whatever the batch), except
 tables read by row (the embedding through a Gather or the TVM backend's QGather, GroupQueryAttention's rotary
 cos/sin caches). The TVM backend marks such parameters in its `{phase}.params.json` ("rows": true) from the same
-rule (`row_read_names`). External data counts
-by its stored length, so the numbers are those of the file the runtime maps.
+rule (`row_read_names`). External data counts by its stored length, so the numbers are those of the file the
+runtime maps.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def params_bytes(path: str | Path) -> GraphBytes:
 def phase_bytes(root: str | Path, entry) -> GraphBytes:
     """`graph_bytes` of an artifact's phase (a manifest phase entry under `root`): its ONNX graph, or a TVM phase's
     parameter index."""
-    if getattr(entry, "params", None):
+    if entry.params:
         return params_bytes(Path(root) / entry.params)
     return graph_bytes(Path(root) / entry.graph)
 
