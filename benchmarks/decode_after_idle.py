@@ -57,18 +57,11 @@ def main() -> None:
         sys.exit("--reps, --steps and --prompt must be at least 1, --before positive")
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from phases import TwophaseRunner, corpus_ids
+    from phases import corpus_ids, open_runner
 
     from twophase.bench.roofline import ReadProbe
-    from twophase.compiler.errors import TwophaseError
 
-    try:
-        runner = TwophaseRunner(Path(args.artifact), args.threads)
-    except TwophaseError as e:
-        sys.exit(f"error: {e}")
-    if args.prompt + args.steps + 1 > runner.engine.cache.max_len:
-        sys.exit(f"error: --prompt {args.prompt} + --steps {args.steps} positions exceed the artifact's max_len "
-                 f"{runner.engine.cache.max_len}")
+    runner = open_runner(args.artifact, args.threads, args.prompt + args.steps + 1)
     ids = corpus_ids(runner.engine.tokenizer, args.prompt)
     probe = ReadProbe(threads=args.threads, size_mb=256)
 

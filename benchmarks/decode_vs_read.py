@@ -51,20 +51,13 @@ def main() -> None:
         sys.exit("--rounds must be at least 6 (sextiles), --steps and --prompt at least 1")
     os.environ.setdefault("TVM_NUM_THREADS", str(args.threads))
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from phases import TwophaseRunner, corpus_ids, decode_graph_bytes
+    from phases import corpus_ids, decode_graph_bytes, open_runner
 
     from twophase.bench.roofline import ReadProbe, TvmRead
-    from twophase.compiler.errors import TwophaseError
 
-    try:
-        runner = TwophaseRunner(Path(args.artifact), args.threads)
-    except TwophaseError as e:
-        sys.exit(f"error: {e}")
-    engine = runner.engine
     max_context = args.prompt + WINDOW
-    if max_context + args.steps > engine.cache.max_len:
-        sys.exit(f"error: --prompt {args.prompt} + {WINDOW} + --steps {args.steps} positions exceed the artifact's "
-                 f"max_len {engine.cache.max_len}")
+    runner = open_runner(args.artifact, args.threads, max_context + args.steps)
+    engine = runner.engine
     weights, kv_per_position = decode_graph_bytes(runner)
     numpy_read = ReadProbe(threads=args.threads, size_mb=READ_MIB)
     try:

@@ -95,6 +95,21 @@ class TwophaseRunner:
         return time.perf_counter() - t
 
 
+def open_runner(artifact: str, threads: int, positions: int) -> TwophaseRunner:
+    """A TwophaseRunner for the scripts beside this one, whose runs hold `positions` cache positions (the prompt and
+    the decode steps): exits with a message where the artifact does not load or its max_len is shorter."""
+    from twophase.compiler.errors import TwophaseError
+
+    try:
+        runner = TwophaseRunner(Path(artifact), threads)
+    except TwophaseError as e:
+        sys.exit(f"error: {e}")
+    if positions > runner.engine.cache.max_len:
+        sys.exit(f"error: a run holds {positions} positions (prompt and decode steps), more than the artifact's "
+                 f"max_len {runner.engine.cache.max_len}")
+    return runner
+
+
 class TransformersRunner:
     name = "transformers eager fp32"
 

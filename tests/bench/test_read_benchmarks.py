@@ -31,7 +31,7 @@ def test_bad_arguments(tiny_artifact):
     out = run("--rounds", "3")
     assert out.returncode != 0 and "--rounds must be at least 6" in out.stderr
     out = run("--artifact", str(tiny_artifact("gqa")), "--prompt", "100")  # the tiny model's max_len is 128
-    assert out.returncode != 0 and "exceed the artifact's max_len 128" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode != 0 and "more than the artifact's max_len 128" in out.stderr and "Traceback" not in out.stderr
     out = run("--artifact", "/nonexistent/artifact")
     assert out.returncode != 0 and "does not exist" in out.stderr and "Traceback" not in out.stderr
 
@@ -49,4 +49,4 @@ def test_after_idle_bad_arguments(tiny_artifact):
     out = run("--before", "0", script="decode_after_idle.py")
     assert out.returncode != 0 and "--before positive" in out.stderr
     out = run("--artifact", str(tiny_artifact("gqa")), "--steps", "64", script="decode_after_idle.py")
-    assert out.returncode != 0 and "exceed the artifact's max_len 128" in out.stderr and "Traceback" not in out.stderr
+    assert out.returncode != 0 and "more than the artifact's max_len 128" in out.stderr and "Traceback" not in out.stderr
