@@ -6,7 +6,8 @@
 `benchmarks/phases.py --roofline` brackets each 64-step decode run with reads taken a fraction of a second before
 and after it. On a shared VM, the 2-thread read jumps between levels within a second, so that is still coarse. This
 script samples finer. Each round (~30 ms) runs:
-- a 64 MiB read with numpy's sum (`ReadProbe`, the STREAM-style read of phases.py);
+- a read with numpy's sum (`ReadProbe`, the STREAM-style read of phases.py) of 64 MiB, or of twice the last-level
+  cache where that is more (a read from DRAM, like the decode's);
 - the same size read by compiled code on TVM's pool (`TvmRead`, where Apache TVM is installed);
 - then `--steps` greedy decode steps of one row (`Engine.decode_one_token`, as phases.py times them) after a
   `--prompt`-token prompt (128; the prompt is prefilled again, outside the timing, once the context passes it by
@@ -36,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 WINDOW = 64  # decode positions after the prompt before it is prefilled again (phases.py's decode run)
-READ_MIB = 64
+READ_MIB = 64  # at least; twice the last-level cache where that is more
 
 
 def main() -> None:
@@ -53,15 +54,16 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from phases import corpus_ids, decode_graph_bytes, open_runner
 
-    from twophase.bench.roofline import ReadProbe, TvmRead
+    from twophase.bench.roofline import MIB, ReadProbe, TvmRead, last_level_cache_bytes
 
     max_context = args.prompt + WINDOW
     runner = open_runner(args.artifact, args.threads, max_context + args.steps)
     engine = runner.engine
     weights, kv_per_position = decode_graph_bytes(runner)
-    numpy_read = ReadProbe(threads=args.threads, size_mb=READ_MIB)
+    read_mib = max(READ_MIB, -(-2 * (last_level_cache_bytes() or 0) // MIB))
+    numpy_read = ReadProbe(threads=args.threads, size_mb=read_mib)
     try:
-        compiled_read = TvmRead(threads=args.threads, size_mb=READ_MIB, cache_ok=True)
+        compiled_read = TvmRead(threads=args.threads, size_mb=read_mib, cache_ok=True)
     except (RuntimeError, ImportError) as e:
         print(f"no compiled read: {e}", file=sys.stderr)
         compiled_read = None
@@ -87,8 +89,8 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         rows.append((read, compiled, (weights + kv_per_position * context) * args.steps / seconds / 1e9))
     table = np.array(rows)
-    print(f"{runner.name}, {args.threads} threads: {args.rounds} rounds of a {READ_MIB} MiB numpy read, a "
-          f"{READ_MIB} MiB compiled read and {args.steps} decode steps (context {args.prompt}-{max_context}); "
+    print(f"{runner.name}, {args.threads} threads: {args.rounds} rounds of a {read_mib} MiB numpy read, a "
+          f"{read_mib} MiB compiled read and {args.steps} decode steps (context {args.prompt}-{max_context}); "
           f"{weights / 1e6:.1f} MB of weights + {kv_per_position / 1e3:.1f} KB of K/V per position per token\n")
     corr = np.corrcoef(table.T)
     print(f"correlation with the decode rate: numpy read {corr[0, 2]:.2f}, compiled read {corr[1, 2]:.2f} "
