@@ -6,7 +6,7 @@
 Each repetition times one decode run (a `--prompt`-token prompt prefilled, then `--steps` greedy steps, timed as
 benchmarks/phases.py times them) after each of four preludes of `--before` seconds, in alternating order:
 - idle: a sleep;
-- read: back-to-back numpy reads on `--threads` threads (`ReadProbe`, 256 MiB);
+- read: back-to-back numpy reads on `--threads` threads (`ReadProbe` at its default size, past the last-level cache);
 - spin: the calling thread spinning, no memory traffic;
 - decode: decode runs like the timed one.
 
@@ -63,7 +63,7 @@ def main() -> None:
 
     runner = open_runner(args.artifact, args.threads, args.prompt + args.steps + 1)
     ids = corpus_ids(runner.engine.tokenizer, args.prompt)
-    probe = ReadProbe(threads=args.threads, size_mb=256)
+    probe = ReadProbe(threads=args.threads)
 
     def decode() -> float:
         return args.steps / runner.decode(ids, args.steps)

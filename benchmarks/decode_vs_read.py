@@ -54,7 +54,7 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from phases import corpus_ids, decode_graph_bytes, open_runner
 
-    from twophase.bench.roofline import MIB, ReadProbe, TvmRead, last_level_cache_bytes
+    from twophase.bench.roofline import MIB, ReadProbe, TvmRead, decode_bytes_per_token, last_level_cache_bytes
 
     max_context = args.prompt + WINDOW
     runner = open_runner(args.artifact, args.threads, max_context + args.steps)
@@ -87,7 +87,8 @@ def main() -> None:
         for _ in range(args.steps):
             token = engine.decode_one_token(token).argmax(-1)
         seconds = time.perf_counter() - t0
-        rows.append((read, compiled, (weights + kv_per_position * context) * args.steps / seconds / 1e9))
+        token_bytes = decode_bytes_per_token(weights, kv_per_position, context)
+        rows.append((read, compiled, token_bytes * args.steps / seconds / 1e9))
     table = np.array(rows)
     print(f"{runner.name}, {args.threads} threads: {args.rounds} rounds of a {read_mib} MiB numpy read, a "
           f"{read_mib} MiB compiled read and {args.steps} decode steps (context {args.prompt}-{max_context}); "
